@@ -1,0 +1,26 @@
+"""mmkern: fused attention, residual + norm and diffusion noise-schedule kernels as torch ops.
+
+    import mmkern
+    out = mmkern.flash_attn_func(q, k, v, causal=True)              # (batch, seqlen, heads, head_dim)
+    out = mmkern.scaled_dot_product_attention(q, k, v, is_causal=True)   # torch's layout and semantics
+    out, residual = mmkern.layer_norm_residual(x, residual, w, b, prenorm=True)
+    x_t = mmkern.diffusion.add_noise(x0, noise, t, alphas_cumprod)
+
+Every function runs through torch ops (torch.ops.mmkern.*) that pick a backend per call;
+`with mmkern.backend("reference"):` or MMKERN_BACKEND forces one, mmkern.available_backends()
+lists those usable here.
+"""
+from mmkern._version import __version__
+from mmkern import backends as _backends  # noqa: F401  (registers the backends)
+from mmkern import reference as _reference  # noqa: F401  (registers the reference kernels)
+from mmkern.dispatch import NoBackendError, available_backends, backend
+from mmkern.attention import (flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache,
+                              scaled_dot_product_attention)
+from mmkern.norm import layer_norm_residual, rms_norm_residual
+from mmkern import diffusion
+
+__all__ = [
+    "__version__", "NoBackendError", "available_backends", "backend", "diffusion",
+    "flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache", "scaled_dot_product_attention",
+    "layer_norm_residual", "rms_norm_residual",
+]

@@ -1,0 +1,139 @@
+"""Backend registry and dispatch.
+
+Every torch op of mmkern (see mmkern/ops/) hands its work to `call(op, device, **inputs)`.
+A *backend* is a family of kernels (``reference``, ``triton``, ``cuda``, ``cpu``); for each op
+it implements, it registers a *kernel*: the function that runs it and a function that lists
+the reasons it cannot take given inputs (xformers' ``not_supported_reasons``).
+
+Selection:
+- ``auto`` (the default) walks ``PRIORITY`` and takes the first backend with no reasons;
+- a forced backend (``with mmkern.backend("triton"):`` or ``MMKERN_BACKEND=triton``) is taken
+  if it has no reasons, otherwise ``NoBackendError`` lists them;
+- when nothing fits, ``NoBackendError`` lists every backend with its reasons.
+"""
+from __future__ import annotations
+
+import contextvars
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+# Fastest first. The reference is last: it is always correct and always slow.
+PRIORITY = ("cuda", "triton", "cpu", "reference")
+ENV_VAR = "MMKERN_BACKEND"
+
+
+class NoBackendError(ValueError):
+    """No backend can run an op on the given inputs (or the forced one cannot)."""
+
+
+@dataclass
+class Kernel:
+    run: Callable[..., object]
+    # inputs -> reasons this kernel cannot take them ([] = it can)
+    reasons: Callable[..., list[str]] = lambda **inputs: []
+
+
+@dataclass
+class Backend:
+    name: str
+    description: str
+    # () -> reasons the whole backend is unusable in this process (missing package, no GPU, ...)
+    environment_reasons: Callable[[], list[str]]
+    # device -> reason this backend cannot run on tensors of that device, or None
+    device_reason: Callable[[torch.device], str | None]
+    kernels: dict[str, Kernel] = field(default_factory=dict)
+
+
+_BACKENDS: dict[str, Backend] = {}
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("mmkern_backend", default=None)
+
+
+def register_backend(backend: Backend) -> None:
+    _BACKENDS[backend.name] = backend
+
+
+def register_kernel(op: str, backend: str, run: Callable[..., object],
+                    reasons: Callable[..., list[str]] | None = None) -> None:
+    kernel = Kernel(run) if reasons is None else Kernel(run, reasons)
+    _BACKENDS[backend].kernels[op] = kernel
+
+
+def backends() -> dict[str, Backend]:
+    """All registered backends, in priority order."""
+    return {name: _BACKENDS[name] for name in PRIORITY if name in _BACKENDS}
+
+
+def available_backends() -> list[str]:
+    """Backends usable in this process: their environment is fine and they implement at least one op."""
+    return [name for name, b in backends().items() if not b.environment_reasons() and b.kernels]
+
+
+def _check_name(name: str) -> str:
+    if name != "auto" and name not in _BACKENDS:
+        known = ", ".join(["auto", *backends()])
+        raise ValueError(f"mmkern.backend: unknown backend {name!r}; known backends: {known}")
+    return name
+
+
+class backend:
+    """Force a backend (or ``"auto"``) for the mmkern ops called inside a ``with`` block.
+
+    The object may be kept and entered again (``ref = mmkern.backend("reference")``).
+    """
+
+    def __init__(self, name: str):
+        self.name = _check_name(name)
+        self._tokens: list[contextvars.Token] = []
+
+    def __enter__(self) -> "backend":
+        self._tokens.append(_forced.set(self.name))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _forced.reset(self._tokens.pop())
+
+
+def forced_backend() -> str:
+    """The backend the current context asks for: the innermost `backend()` block, else $MMKERN_BACKEND, else auto."""
+    name = _forced.get()
+    if name is None:
+        name = _check_name(os.environ.get(ENV_VAR, "auto") or "auto")
+    return name
+
+
+def not_supported_reasons(op: str, backend_name: str, device: torch.device, inputs: dict) -> list[str]:
+    b = _BACKENDS[backend_name]
+    reasons = list(b.environment_reasons())
+    if reasons:
+        return reasons
+    kernel = b.kernels.get(op)
+    if kernel is None:
+        return [f"has no kernel for {op}"]
+    device_reason = b.device_reason(device)
+    if device_reason:
+        return [device_reason]
+    return kernel.reasons(**inputs)
+
+
+def select(op: str, device: torch.device, inputs: dict) -> str:
+    """The backend that will run `op` on these inputs; NoBackendError when none can."""
+    forced = forced_backend()
+    candidates = list(backends()) if forced == "auto" else [forced]
+    all_reasons: dict[str, list[str]] = {}
+    for name in candidates:
+        reasons = not_supported_reasons(op, name, device, inputs)
+        if not reasons:
+            return name
+        all_reasons[name] = reasons
+    lines = [f"  {name}: " + "; ".join(r) for name, r in all_reasons.items()]
+    how = "auto dispatch found no backend" if forced == "auto" else f"the forced backend {forced!r} cannot run it"
+    raise NoBackendError(f"mmkern: {how} for {op} on {device.type} tensors:\n" + "\n".join(lines))
+
+
+def call(op: str, device: torch.device, **inputs):
+    """Run `op` on the selected backend."""
+    name = select(op, device, inputs)
+    return _BACKENDS[name].kernels[op].run(**inputs)

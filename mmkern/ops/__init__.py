@@ -1,0 +1,1 @@
+"""torch.library op definitions (torch.ops.mmkern.*): validation, fake implementations, autograd, dispatch."""

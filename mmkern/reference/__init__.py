@@ -1,0 +1,14 @@
+"""The reference backend: eager PyTorch computed in float64, complete for every op and feature.
+
+It is the oracle the other backends are tested against and never calls another backend.
+"""
+from mmkern.dispatch import register_kernel
+from mmkern.reference import attention, diffusion, norm
+
+register_kernel("attention_forward", "reference", attention.forward)
+register_kernel("attention_backward", "reference", attention.backward)
+register_kernel("kvcache_append", "reference", attention.kvcache_append)
+register_kernel("norm_residual_forward", "reference", norm.forward)
+register_kernel("norm_residual_backward", "reference", norm.backward)
+register_kernel("add_noise", "reference", diffusion.add_noise)
+register_kernel("get_velocity", "reference", diffusion.get_velocity)

@@ -1,0 +1,94 @@
+"""Reference residual + LayerNorm / RMSNorm: the oracle for every norm kernel.
+
+On rows of width N (x is (rows, N); the public functions flatten leading dimensions):
+    pre  = dropout(x) + residual                      the new residual stream (returned with prenorm)
+    LayerNorm: xhat = (pre - mean(pre)) * rstd,  rstd = 1 / sqrt(var(pre) + eps)   (biased variance)
+    RMSNorm:   xhat = pre * rstd,                rstd = 1 / sqrt(mean(pre^2) + eps)
+    out  = xhat * weight + bias                       (weight, bias optional)
+dtypes: out like x; pre like residual, or (without residual) float32 when residual_in_fp32 else
+like x. The normalisation reads the float64 sum, before it is rounded to pre's dtype.
+Computed in float64 unless precision.compute_in says otherwise.
+"""
+from __future__ import annotations
+
+import torch
+
+from mmkern.reference.dropout import dropout_keep_mask, seed_value
+from mmkern.reference.precision import up
+
+
+def residual_dtype(x: torch.Tensor, residual: torch.Tensor | None, residual_in_fp32: bool) -> torch.dtype:
+    if residual is not None:
+        return residual.dtype
+    return torch.float32 if residual_in_fp32 else x.dtype
+
+
+def _keep_scale(dropout_p, dropout_seed, x):
+    """keep / (1 - p) in the compute dtype (rows, N), or None without dropout."""
+    if dropout_p == 0:
+        return None
+    keep = dropout_keep_mask(seed_value(dropout_seed), tuple(x.shape), dropout_p, x.device)
+    return up(keep) / (1.0 - dropout_p)
+
+
+def _normalize(pre: torch.Tensor, eps: float, is_rms_norm: bool):
+    """(xhat, mean or None, rstd) of rows in the compute dtype."""
+    if is_rms_norm:
+        rstd = torch.rsqrt(pre.square().mean(-1, keepdim=True) + eps)
+        return pre * rstd, None, rstd
+    mean = pre.mean(-1, keepdim=True)
+    centered = pre - mean
+    rstd = torch.rsqrt(centered.square().mean(-1, keepdim=True) + eps)
+    return centered * rstd, mean, rstd
+
+
+def forward(x, residual, weight, bias, eps, dropout_p, dropout_seed, residual_in_fp32, is_rms_norm):
+    """Kernel of mmkern::norm_residual_forward. Returns (out, pre, mean, rstd); mean and rstd are
+    float32 (rows,), mean is empty for RMSNorm."""
+    keep_scale = _keep_scale(dropout_p, dropout_seed, x)
+    pre = up(x) if keep_scale is None else up(x) * keep_scale
+    if residual is not None:
+        pre = pre + up(residual)
+    xhat, mean, rstd = _normalize(pre, eps, is_rms_norm)
+    out = xhat
+    if weight is not None:
+        out = out * up(weight)
+    if bias is not None:
+        out = out + up(bias)
+    mean = x.new_empty((0,), dtype=torch.float32) if mean is None else mean.squeeze(-1).float()
+    # copy=True: with float64 inputs `pre` can be `x` itself, and an op's output may not alias an input
+    return (out.to(x.dtype).contiguous(), pre.to(residual_dtype(x, residual, residual_in_fp32), copy=True), mean,
+            rstd.squeeze(-1).float())
+
+
+def backward(dout, dpre, pre, weight, bias, mean, rstd, eps, dropout_p, dropout_seed, is_rms_norm, has_residual,
+             x_dtype):
+    """Kernel of mmkern::norm_residual_backward, from the stored residual stream `pre`:
+
+        dxhat = dout * weight
+        LayerNorm: dpre = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+        RMSNorm:   dpre = rstd * (dxhat - xhat * mean(dxhat * xhat))
+        dpre += gradient arriving on the returned pre (prenorm)
+        d_residual = dpre,   dx = dpre * keep / (1 - p),   dweight = sum_rows dout * xhat,   dbias = sum_rows dout
+    Returns (dx, d_residual, dweight, dbias); those without a matching input are empty.
+    """
+    pre_c = up(pre)
+    xhat, _, rstd64 = _normalize(pre_c, eps, is_rms_norm)
+    dy = up(dout)
+    dxhat = dy if weight is None else dy * up(weight)
+    projection = (dxhat * xhat).mean(-1, keepdim=True)
+    if is_rms_norm:
+        d_pre = rstd64 * (dxhat - xhat * projection)
+    else:
+        d_pre = rstd64 * (dxhat - dxhat.mean(-1, keepdim=True) - xhat * projection)
+    if dpre is not None:
+        d_pre = d_pre + up(dpre)
+    keep_scale = _keep_scale(dropout_p, dropout_seed, pre)
+    dx = d_pre if keep_scale is None else d_pre * keep_scale
+    def empty():  # a fresh one each time: an op's outputs may not alias each other
+        return pre.new_empty((0,))
+
+    d_residual = d_pre.to(pre.dtype, copy=True) if has_residual else empty()   # never the same tensor as dx
+    dweight = (dy * xhat).sum(0).to(weight.dtype) if weight is not None else empty()
+    dbias = dy.sum(0).to(bias.dtype) if bias is not None else empty()
+    return dx.to(x_dtype, copy=True), d_residual, dweight, dbias

@@ -1,0 +1,73 @@
+"""Shared test helpers: fresh random inputs, the seed the public functions draw, error measures."""
+import math
+
+import pytest
+import torch
+
+import mmkern  # noqa: F401  (registers the ops)
+from mmkern.ops._rng import _SEED_RANGE
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def seed_drawn_after(manual_seed: int) -> int:
+    """The dropout seed an mmkern function draws first after torch.manual_seed(manual_seed)."""
+    torch.manual_seed(manual_seed)
+    return int(torch.randint(0, _SEED_RANGE, (1,), dtype=torch.int64))
+
+
+def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def randn(*shape, dtype=torch.float64, requires_grad=False, scale=1.0):
+    t = torch.randn(*shape, dtype=torch.float64) * scale
+    return t.to(dtype).requires_grad_(requires_grad)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    """Fresh random inputs in every test, reproducible from the test's name."""
+    torch.manual_seed(hash(request.node.nodeid) % 2**31)
+    yield
+
+
+def softmax_rows(scores: torch.Tensor) -> torch.Tensor:
+    """softmax over the last dim, 0 (not NaN) in rows where every score is -inf."""
+    finite_row = torch.isfinite(scores).any(-1, keepdim=True)
+    safe = torch.where(finite_row, scores, torch.zeros_like(scores))
+    return torch.where(finite_row, torch.softmax(safe, -1), torch.zeros_like(scores))
+
+
+def naive_attention_one(q, k, v, *, scale=None, causal=False, bottom_right=True, window=(-1, -1), softcap=0.0,
+                        slopes=None, keep=None, dropout_p=0.0):
+    """softmax(Q K^T) V written out by hand for ONE sequence, head by head.
+
+    q (Lq, H, D), k/v (Lk, H_kv, D); slopes (H,); keep (H, Lq, Lk) bool. Returns out (Lq, H, D), lse (H, Lq).
+    """
+    Lq, H, D = q.shape
+    Lk, H_kv = k.shape[0], k.shape[1]
+    scale = 1 / math.sqrt(D) if scale is None else scale
+    outs, lses = [], []
+    for h in range(H):
+        kh, vh = k[:, h * H_kv // H], v[:, h * H_kv // H]
+        s = (q[:, h] @ kh.T) * scale
+        if softcap > 0:
+            s = softcap * torch.tanh(s / softcap)
+        rows = torch.arange(Lq).unsqueeze(1) + ((Lk - Lq) if bottom_right else 0)
+        cols = torch.arange(Lk).unsqueeze(0)
+        if slopes is not None:
+            s = s - slopes[h] * (rows - cols).abs()
+        allowed = torch.ones(Lq, Lk, dtype=torch.bool)
+        right = 0 if causal else window[1]
+        if right >= 0:
+            allowed &= cols <= rows + right
+        if window[0] >= 0:
+            allowed &= cols >= rows - window[0]
+        s = s.masked_fill(~allowed, float("-inf"))
+        p = softmax_rows(s)
+        lses.append(torch.logsumexp(s, -1))
+        if keep is not None:
+            p = p * keep[h] / (1 - dropout_p)
+        outs.append(p @ vh)
+    return torch.stack(outs, 1), torch.stack(lses, 0)
