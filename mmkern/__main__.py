@@ -1,0 +1,5 @@
+import sys
+
+from mmkern.cli import main
+
+sys.exit(main())

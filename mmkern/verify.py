@@ -1,0 +1,255 @@
+"""`mmkern verify`: every op on every usable backend against the float64 reference.
+
+For each case (an op with a small, awkward shape), each backend and each dtype d:
+    error     = max |backend(inputs in d) - oracle(inputs in float64)|        over outputs (and gradients)
+    baseline  = max |eager PyTorch in d  - oracle|                           (the reference math run in d)
+    tolerance = 2 * baseline + eps(d)                                        (flash-attn's criterion)
+Rows "reference vs torch" check the oracle itself against torch's own float64 implementations.
+Backends that cannot run in this process but could in another (Triton on a machine without a
+GPU: through its interpreter) are verified in a subprocess and their rows merged in.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import mmkern
+from mmkern import dispatch
+from mmkern.reference.precision import compute_in
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+EPS = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+
+@dataclass
+class Row:
+    op: str
+    backend: str
+    dtype: str
+    shape: str
+    error: float
+    tolerance: float
+
+    @property
+    def passed(self) -> bool:
+        return self.error <= self.tolerance
+
+
+@dataclass
+class Case:
+    op: str                                   # what the row names
+    shape: str
+    make: Callable[[], dict]                  # fresh float64 inputs, by argument name
+    run: Callable[..., tuple]                 # the public function; returns a tuple of outputs
+    cast: tuple[str, ...]                     # inputs converted to the dtype under test
+    grad: tuple[str, ...] = ()                # inputs whose gradients are checked too
+    torch_impl: Callable[..., tuple] | None = None   # torch's own float64 implementation, if any
+    ops: tuple[str, ...] = field(default=())  # the dispatcher ops it exercises
+
+
+def _err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b|, counting equal infinities (lse = -inf) as exact and NaN as infinitely wrong."""
+    if a.numel() == 0:
+        return 0.0
+    a, b = a.double(), b.double()
+    same = a == b
+    diff = torch.where(same, torch.zeros_like(a), (a - b).abs())
+    return math.inf if torch.isnan(diff).any() else diff.max().item()
+
+
+def _execute(case: Case, inputs: dict, dout_seed: int) -> list[torch.Tensor]:
+    """Outputs of the case, then the gradients of its `grad` inputs (with a fixed random dout)."""
+    inputs = {n: (t.clone().requires_grad_(n in case.grad) if isinstance(t, torch.Tensor) else t)
+              for n, t in inputs.items()}
+    outputs = case.run(**inputs)
+    results = [o.detach() for o in outputs]
+    if case.grad:
+        generator = torch.Generator().manual_seed(dout_seed)
+        douts = [torch.randn(o.shape, generator=generator, dtype=torch.float64).to(o.dtype) for o in outputs[:1]]
+        grads = torch.autograd.grad(outputs[:1], [inputs[n] for n in case.grad], douts)
+        results += list(grads)
+    return results
+
+
+def _cast(case: Case, inputs: dict, dtype: torch.dtype) -> dict:
+    return {n: (t.to(dtype) if n in case.cast else t) for n, t in inputs.items()}
+
+
+def measure(case: Case, backend: str, dtype: torch.dtype) -> list[Row]:
+    inputs = case.make()
+    with mmkern.backend("reference"):
+        oracle = _execute(case, inputs, 0)
+        with compute_in(dtype):
+            baseline = _execute(case, _cast(case, inputs, dtype), 0)
+    with mmkern.backend(backend):
+        got = _execute(case, _cast(case, inputs, dtype), 0)
+    n_out = len(oracle) - len(case.grad)
+    rows = []
+    for label, part in (("fwd", slice(0, n_out)), ("bwd", slice(n_out, None))):
+        if part.start == len(oracle):
+            continue
+        error = max(_err(g, o) for g, o in zip(got[part], oracle[part]))
+        base = max(_err(b, o) for b, o in zip(baseline[part], oracle[part]))
+        name = case.op if not case.grad else f"{case.op} {label}"
+        rows.append(Row(name, backend, str(dtype).replace("torch.", ""), case.shape, error, 2 * base + EPS[dtype]))
+    return rows
+
+
+def measure_oracle_against_torch(case: Case) -> Row:
+    inputs = case.make()
+    with mmkern.backend("reference"):
+        oracle = _execute(case, inputs, 0)
+    theirs = _execute(Case(case.op, case.shape, case.make, case.torch_impl, case.cast, case.grad), inputs, 0)
+    error = max(_err(a, b) for a, b in zip(oracle, theirs))
+    return Row(case.op, "reference vs torch", "float64", case.shape, error, 1e-10)
+
+
+# --------------------------------------------------------------------------- the cases
+
+def _randn(*shape):
+    return torch.randn(*shape, dtype=torch.float64)
+
+
+def _cu(lengths):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+
+
+def _linear_alphas_cumprod(T=1000):
+    return torch.cumprod(1 - torch.linspace(1e-4, 0.02, T, dtype=torch.float64), 0).float()
+
+
+def cases() -> list[Case]:
+    lens_q, lens_k = [5, 1, 0, 9], [7, 4, 3, 9]
+    ac = _linear_alphas_cumprod()
+    return [
+        Case("flash_attn_func causal gqa", "B2 Lq13 Lk17 H4/2 D40",
+             lambda: dict(q=_randn(2, 13, 4, 40), k=_randn(2, 17, 2, 40), v=_randn(2, 17, 2, 40)),
+             lambda q, k, v: mmkern.flash_attn_func(q, k, v, causal=True, return_lse=True),
+             cast=("q", "k", "v"), grad=("q", "k", "v"), ops=("attention_forward", "attention_backward")),
+        Case("flash_attn_func window+softcap+alibi", "B2 L11 H3 D24",
+             lambda: dict(q=_randn(2, 11, 3, 24), k=_randn(2, 11, 3, 24), v=_randn(2, 11, 3, 24),
+                          slopes=torch.rand(3)),
+             lambda q, k, v, slopes: mmkern.flash_attn_func(q, k, v, window_size=(4, 2), softcap=2.0,
+                                                             alibi_slopes=slopes, return_lse=True),
+             cast=("q", "k", "v"), grad=("q", "k", "v"), ops=("attention_forward", "attention_backward")),
+        Case("flash_attn_varlen_func causal", f"lens_q {lens_q} lens_k {lens_k} H2 D32",
+             lambda: dict(q=_randn(sum(lens_q), 2, 32), k=_randn(sum(lens_k), 2, 32), v=_randn(sum(lens_k), 2, 32)),
+             lambda q, k, v: mmkern.flash_attn_varlen_func(q, k, v, _cu(lens_q), _cu(lens_k), max(lens_q),
+                                                            max(lens_k), causal=True, return_lse=True),
+             cast=("q", "k", "v"), grad=("q", "k", "v"), ops=("attention_forward", "attention_backward")),
+        Case("flash_attn_with_kvcache decode", "B3 Lq1 cache 33 +1 H4/1 D64",
+             lambda: dict(q=_randn(3, 1, 4, 64), k_cache=_randn(3, 33, 1, 64), v_cache=_randn(3, 33, 1, 64),
+                          k=_randn(3, 1, 1, 64), v=_randn(3, 1, 1, 64)),
+             lambda q, k_cache, v_cache, k, v: (mmkern.flash_attn_with_kvcache(
+                 q, k_cache, v_cache, k, v, cache_seqlens=torch.tensor([0, 17, 32], dtype=torch.int32),
+                 causal=True),),
+             cast=("q", "k_cache", "v_cache", "k", "v"), ops=("kvcache_append", "attention_forward")),
+        Case("scaled_dot_product_attention mask", "B2 H3 Lq7 Lk10 D16",
+             lambda: dict(q=_randn(2, 3, 7, 16), k=_randn(2, 3, 10, 16), v=_randn(2, 3, 10, 16), mask=_randn(7, 10)),
+             lambda q, k, v, mask: (mmkern.scaled_dot_product_attention(q, k, v, attn_mask=mask),),
+             cast=("q", "k", "v", "mask"), grad=("q", "k", "v", "mask"),
+             torch_impl=lambda q, k, v, mask: (F.scaled_dot_product_attention(q, k, v, attn_mask=mask),),
+             ops=("attention_forward", "attention_backward")),
+        Case("layer_norm_residual prenorm", "rows 6 N 100",
+             lambda: dict(x=_randn(6, 100), r=_randn(6, 100), w=_randn(100), b=_randn(100)),
+             lambda x, r, w, b: mmkern.layer_norm_residual(x, r, w, b, prenorm=True),
+             cast=("x", "r", "w", "b"), grad=("x", "r", "w", "b"),
+             torch_impl=lambda x, r, w, b: (F.layer_norm(x + r, (100,), w, b), x + r),
+             ops=("norm_residual_forward", "norm_residual_backward")),
+        Case("rms_norm_residual", "rows 5 N 77",
+             lambda: dict(x=_randn(5, 77), r=_randn(5, 77), w=_randn(77)),
+             lambda x, r, w: (mmkern.rms_norm_residual(x, r, w),),
+             cast=("x", "r", "w"), grad=("x", "r", "w"),
+             torch_impl=lambda x, r, w: (F.rms_norm(x + r, (77,), w, eps=1e-6),),
+             ops=("norm_residual_forward", "norm_residual_backward")),
+        Case("diffusion.add_noise", "B4 3x5x5",
+             lambda: dict(x0=_randn(4, 3, 5, 5), noise=_randn(4, 3, 5, 5)),
+             lambda x0, noise: (mmkern.diffusion.add_noise(x0, noise, torch.tensor([0, 1, 500, 999]), ac),),
+             cast=("x0", "noise"), ops=("add_noise",)),
+        Case("diffusion.get_velocity", "B4 3x5x5",
+             lambda: dict(x0=_randn(4, 3, 5, 5), noise=_randn(4, 3, 5, 5)),
+             lambda x0, noise: (mmkern.diffusion.get_velocity(x0, noise, torch.tensor([0, 1, 500, 999]), ac),),
+             cast=("x0", "noise"), ops=("get_velocity",)),
+    ]
+
+
+# --------------------------------------------------------------------------- running and printing
+
+def _supports(backend_name: str, case: Case) -> bool:
+    return all(op in dispatch.backends()[backend_name].kernels for op in case.ops)
+
+
+def run_in_process(backends: list[str], include_oracle_rows: bool) -> list[Row]:
+    rows = []
+    for case in cases():
+        if include_oracle_rows and case.torch_impl is not None:
+            rows.append(measure_oracle_against_torch(case))
+        for name in backends:
+            if _supports(name, case):
+                for dtype in DTYPES:
+                    torch.manual_seed(0)
+                    rows += measure(case, name, dtype)
+    return rows
+
+
+def run_in_interpreter_subprocess(backend: str) -> list[Row]:
+    """Verify `backend` in a fresh Python with TRITON_INTERPRET=1 (it must be set before triton loads)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "mmkern", "verify", "--backend", backend, "--json"],
+                          env=env, capture_output=True, text=True)
+    if proc.returncode not in (0, 1):
+        raise RuntimeError(f"mmkern verify --backend {backend} (TRITON_INTERPRET=1) failed:\n{proc.stderr[-4000:]}")
+    return [Row(**r) for r in json.loads(proc.stdout)]
+
+
+def plan(requested: list[str] | None) -> tuple[list[str], list[str], dict[str, str]]:
+    """(backends to run here, backends to run in an interpreter subprocess, skipped backend -> why)."""
+    here, elsewhere, skipped = [], [], {}
+    for name, b in dispatch.backends().items():
+        if requested and name not in requested:
+            continue
+        if not b.kernels:
+            skipped[name] = "implements no op yet"
+            continue
+        reasons = b.environment_reasons()
+        if not reasons:
+            here.append(name)
+        elif name == "triton" and os.environ.get("TRITON_INTERPRET") != "1" and "no CUDA GPU" in reasons[0]:
+            elsewhere.append(name)
+        else:
+            skipped[name] = "; ".join(reasons)
+    return here, elsewhere, skipped
+
+
+def format_table(rows: list[Row]) -> str:
+    header = ("op", "backend", "dtype", "shape", "max error", "tolerance", "pass")
+    body = [(r.op, r.backend, r.dtype, r.shape, f"{r.error:.2e}", f"{r.tolerance:.2e}", "ok" if r.passed else "FAIL")
+            for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)) for line in (header, *body)]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(requested: list[str] | None = None, as_json: bool = False) -> int:
+    here, elsewhere, skipped = plan(requested)
+    rows = run_in_process(here, include_oracle_rows=not as_json and "reference" in here)
+    for name in elsewhere:
+        rows += run_in_interpreter_subprocess(name)
+    if as_json:
+        print(json.dumps([asdict(r) for r in rows]))
+    else:
+        print(format_table(rows))
+        for name, why in skipped.items():
+            print(f"(backend {name} not verified: {why})")
+        failed = sum(not r.passed for r in rows)
+        print(f"\n{len(rows) - failed} passed, {failed} failed")
+    return 1 if any(not r.passed for r in rows) else 0
