@@ -1,10 +1,19 @@
-"""Shared test helpers: fresh random inputs, the seed the public functions draw, error measures."""
+"""Shared test helpers: fresh random inputs, the seed the public functions draw, error measures.
+
+Without a GPU the Triton kernels run on the CPU through Triton's interpreter, which must be chosen
+before triton is first imported: this file sets TRITON_INTERPRET=1 then, before importing mmkern.
+"""
 import math
+import os
 
 import pytest
 import torch
 
-import mmkern  # noqa: F401  (registers the ops)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import mmkern  # noqa: E402,F401  (registers the ops)
+from mmkern import verify  # noqa: E402
 from mmkern.ops._rng import _SEED_RANGE
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -14,6 +23,15 @@ def seed_drawn_after(manual_seed: int) -> int:
     """The dropout seed an mmkern function draws first after torch.manual_seed(manual_seed)."""
     torch.manual_seed(manual_seed)
     return int(torch.randint(0, _SEED_RANGE, (1,), dtype=torch.int64))
+
+
+def assert_backend_matches_oracle(backend: str, case: "verify.Case", dtypes=DTYPES):
+    """flash-attn's criterion, through `mmkern verify`'s measure: error against the float64 oracle
+    <= 2 x the error of eager PyTorch in the same dtype + a tiny epsilon, for outputs and gradients."""
+    for dtype in dtypes:
+        for row in verify.measure(case, backend, dtype):
+            assert row.passed, f"{row.op} [{backend}, {row.dtype}, {row.shape}]: error {row.error:.3e} > " \
+                               f"tolerance {row.tolerance:.3e}"
 
 
 def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,0 +1,28 @@
+"""The triton backend: Triton kernels, on a GPU or on the CPU through Triton's interpreter.
+
+Registration is lazy: this file does not import triton. The table below names, per op, the
+module of mmkern/triton/ that holds its kernel and the two functions the dispatcher calls:
+`run(**inputs)` and `reasons(**inputs) -> list[str]` (why the kernel cannot take these inputs).
+A module is imported the first time the dispatcher asks about its op, which only happens when
+the backend's environment is usable (mmkern/backends.py).
+"""
+import importlib
+
+from mmkern.dispatch import register_kernel
+
+# op -> (module, run function, reasons function)
+KERNELS = {
+    "add_noise": ("diffusion", "add_noise", "noise_mix_reasons"),
+    "get_velocity": ("diffusion", "get_velocity", "noise_mix_reasons"),
+}
+
+
+def _lazy(module: str, function: str):
+    def call(**inputs):
+        return getattr(importlib.import_module(f"mmkern.triton.{module}"), function)(**inputs)
+    call.__qualname__ = f"mmkern.triton.{module}.{function}"
+    return call
+
+
+for _op, (_module, _run, _reasons) in KERNELS.items():
+    register_kernel(_op, "triton", _lazy(_module, _run), _lazy(_module, _reasons))
