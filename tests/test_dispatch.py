@@ -16,8 +16,12 @@ def test_reference_is_always_available():
 
 
 def test_auto_picks_first_backend_without_reasons():
-    inputs = {}
-    assert dispatch.select("add_noise", torch.device("cpu"), inputs) in mmkern.available_backends()
+    x = randn(2, 4, dtype=torch.float32)
+    inputs = dict(original_samples=x, noise=x, timesteps=torch.tensor(1), alphas_cumprod=torch.linspace(0.9, 0.1, 5))
+    device = torch.device("cpu")
+    fitting = [name for name in dispatch.PRIORITY if not dispatch.not_supported_reasons("add_noise", name, device, inputs)]
+    assert fitting and fitting[-1] == "reference"
+    assert dispatch.select("add_noise", device, inputs) == fitting[0]
 
 
 def test_forcing_a_backend_that_cannot_run_lists_its_reasons():
