@@ -12,6 +12,9 @@ import torch
 
 from mmkern.ops import diffusion as ops
 from mmkern.ops._checks import last_dim_contiguous
+from mmkern.diffusion.schedules import (BETA_SCHEDULES, NoiseSchedule, alphas_cumprod_from_betas,  # noqa: F401
+                                        make_betas, rescale_zero_terminal_snr, sigmas_from_alphas_cumprod,
+                                        snr_from_alphas_cumprod)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
