@@ -5,6 +5,8 @@ On rows of width N (x is (rows, N); the public functions flatten leading dimensi
     LayerNorm: xhat = (pre - mean(pre)) * rstd,  rstd = 1 / sqrt(var(pre) + eps)   (biased variance)
     RMSNorm:   xhat = pre * rstd,                rstd = 1 / sqrt(mean(pre^2) + eps)
     out  = xhat * weight + bias                       (weight, bias optional)
+    adaLN modulation (DiT): out = out * (1 + scale[sample]) + shift[sample], shift/scale (batch, N),
+                      row r belongs to sample r // (rows // batch)  (x is (batch, ..., N) flattened)
 dtypes: out like x; pre like residual, or (without residual) float32 when residual_in_fp32 else
 like x. The normalisation reads the float64 sum, before it is rounded to pre's dtype.
 Computed in float64 unless precision.compute_in says otherwise.
@@ -42,7 +44,16 @@ def _normalize(pre: torch.Tensor, eps: float, is_rms_norm: bool):
     return centered * rstd, mean, rstd
 
 
-def forward(x, residual, weight, bias, eps, dropout_p, dropout_seed, residual_in_fp32, is_rms_norm):
+def per_row(t: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+    """A (batch, N) modulation tensor expanded to (rows, N): row r takes sample r // (rows // batch)."""
+    if t is None:
+        return None
+    batch = t.shape[0]
+    return t.repeat_interleave(rows // batch, dim=0) if batch else t
+
+
+def forward(x, residual, weight, bias, eps, dropout_p, dropout_seed, residual_in_fp32, is_rms_norm, shift=None,
+            scale=None):
     """Kernel of mmkern::norm_residual_forward. Returns (out, pre, mean, rstd); mean and rstd are
     float32 (rows,), mean is empty for RMSNorm."""
     keep_scale = _keep_scale(dropout_p, dropout_seed, x)
@@ -55,6 +66,10 @@ def forward(x, residual, weight, bias, eps, dropout_p, dropout_seed, residual_in
         out = out * up(weight)
     if bias is not None:
         out = out + up(bias)
+    if scale is not None:
+        out = out * (1 + up(per_row(scale, x.shape[0])))
+    if shift is not None:
+        out = out + up(per_row(shift, x.shape[0]))
     mean = x.new_empty((0,), dtype=torch.float32) if mean is None else mean.squeeze(-1).float()
     # copy=True: with float64 inputs `pre` can be `x` itself, and an op's output may not alias an input
     return (out.to(x.dtype).contiguous(), pre.to(residual_dtype(x, residual, residual_in_fp32), copy=True), mean,
@@ -62,19 +77,23 @@ def forward(x, residual, weight, bias, eps, dropout_p, dropout_seed, residual_in
 
 
 def backward(dout, dpre, pre, weight, bias, mean, rstd, eps, dropout_p, dropout_seed, is_rms_norm, has_residual,
-             x_dtype):
+             x_dtype, shift=None, scale=None):
     """Kernel of mmkern::norm_residual_backward, from the stored residual stream `pre`:
 
-        dxhat = dout * weight
+        dy = dout * (1 + scale)    (dout without modulation; y = xhat * weight + bias)
+        dshift = sum_rows_of_sample dout,   dscale = sum_rows_of_sample dout * y
+        dxhat = dy * weight
         LayerNorm: dpre = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
         RMSNorm:   dpre = rstd * (dxhat - xhat * mean(dxhat * xhat))
         dpre += gradient arriving on the returned pre (prenorm)
-        d_residual = dpre,   dx = dpre * keep / (1 - p),   dweight = sum_rows dout * xhat,   dbias = sum_rows dout
-    Returns (dx, d_residual, dweight, dbias); those without a matching input are empty.
+        d_residual = dpre,   dx = dpre * keep / (1 - p),   dweight = sum_rows dy * xhat,   dbias = sum_rows dy
+    Returns (dx, d_residual, dweight, dbias, dshift, dscale); those without a matching input are empty.
     """
     pre_c = up(pre)
+    rows = pre.shape[0]
     xhat, _, rstd64 = _normalize(pre_c, eps, is_rms_norm)
-    dy = up(dout)
+    dout_c = up(dout)
+    dy = dout_c if scale is None else dout_c * (1 + up(per_row(scale, rows)))
     dxhat = dy if weight is None else dy * up(weight)
     projection = (dxhat * xhat).mean(-1, keepdim=True)
     if is_rms_norm:
@@ -91,4 +110,17 @@ def backward(dout, dpre, pre, weight, bias, mean, rstd, eps, dropout_p, dropout_
     d_residual = d_pre.to(pre.dtype, copy=True) if has_residual else empty()   # never the same tensor as dx
     dweight = (dy * xhat).sum(0).to(weight.dtype) if weight is not None else empty()
     dbias = dy.sum(0).to(bias.dtype) if bias is not None else empty()
-    return dx.to(x_dtype, copy=True), d_residual, dweight, dbias
+
+    def per_sample_sum(t, like):  # (rows, N) -> (batch, N): the rows of each sample summed
+        if t.shape[0] == 0:
+            return like.new_zeros(like.shape)
+        return t.reshape(like.shape[0], -1, t.shape[-1]).sum(1).to(like.dtype)
+
+    dshift = per_sample_sum(dout_c, shift) if shift is not None else empty()
+    if scale is not None:
+        y = xhat if weight is None else xhat * up(weight)
+        y = y if bias is None else y + up(bias)
+        dscale = per_sample_sum(dout_c * y, scale)
+    else:
+        dscale = empty()
+    return dx.to(x_dtype, copy=True), d_residual, dweight, dbias, dshift, dscale

@@ -14,6 +14,8 @@ from mmkern.dispatch import register_kernel
 KERNELS = {
     "add_noise": ("diffusion", "add_noise", "noise_mix_reasons"),
     "get_velocity": ("diffusion", "get_velocity", "noise_mix_reasons"),
+    "norm_residual_forward": ("norm", "norm_forward", "norm_forward_reasons"),
+    "norm_residual_backward": ("norm", "norm_backward", "norm_backward_reasons"),
 }
 
 
