@@ -3,6 +3,10 @@
     x_t = add_noise(x_0, noise, t, alphas_cumprod)         sqrt(a_t) x_0 + sqrt(1 - a_t) noise
     v   = get_velocity(x_0, noise, t, alphas_cumprod)      sqrt(a_t) noise - sqrt(1 - a_t) x_0
     training_target(x_0, noise, t, alphas_cumprod, prediction_type)   what the model should predict
+    diffusion_loss(model_output, x_0, noise, t, alphas_cumprod, prediction_type, snr_gamma)   fused loss
+    ddpm_step / ddim_step / euler_step, euler_scale_model_input          fused sampler steps (sampling.py)
+    NoiseSchedule, make_betas, ...                                      float64 tables (schedules.py)
+    DDPMScheduler, DDIMScheduler, EulerDiscreteScheduler                 diffusers drop-ins (schedulers.py)
 `timesteps` is an int, a 0-d integer tensor, or (batch,) integers (one per sample); samples have
 any trailing shape (batch, ...). Same arguments and results as diffusers' DDPMScheduler methods.
 """
@@ -15,6 +19,9 @@ from mmkern.ops._checks import last_dim_contiguous
 from mmkern.diffusion.schedules import (BETA_SCHEDULES, NoiseSchedule, alphas_cumprod_from_betas,  # noqa: F401
                                         make_betas, rescale_zero_terminal_snr, sigmas_from_alphas_cumprod,
                                         snr_from_alphas_cumprod)
+from mmkern.diffusion.loss import diffusion_loss  # noqa: F401,E402
+from mmkern.diffusion.sampling import (ddim_step, ddpm_step, euler_scale_model_input,  # noqa: F401,E402
+                                       euler_step)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -58,3 +65,18 @@ def training_target(original_samples, noise, timesteps, alphas_cumprod, predicti
     x0, noise, timesteps = _prepare(fn, "original_samples", original_samples, noise, timesteps)
     ops.check_schedule_inputs(fn, "original_samples", x0, noise, timesteps, alphas_cumprod)
     return noise if prediction_type == "epsilon" else x0
+
+
+_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler")
+
+
+def __getattr__(name):
+    """The diffusers drop-in schedulers, imported on first use: diffusers is optional."""
+    if name in _SCHEDULERS:
+        try:
+            from mmkern.diffusion import schedulers
+        except ImportError as exc:
+            raise ImportError(f"mmkern.diffusion.{name} subclasses diffusers' scheduler: pip install diffusers "
+                              f"(or mmkern[models]); {exc}") from exc
+        return getattr(schedulers, name)
+    raise AttributeError(f"module 'mmkern.diffusion' has no attribute {name!r}")

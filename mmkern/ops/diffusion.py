@@ -33,15 +33,26 @@ def check_schedule_inputs(fn: str, samples_name: str, samples, noise, timesteps,
     check_same_device(fn, **{samples_name: samples}, noise=noise, timesteps=timesteps, alphas_cumprod=alphas_cumprod)
 
 
-def check_timestep_values(fn: str, timesteps: Tensor, alphas_cumprod: Tensor) -> None:
-    """Reads timesteps (one small device-to-host copy): eager calls only."""
-    if timesteps.numel() == 0:
+def check_index_values(fn: str, name: str, values: Tensor, low: int | None, high: int, what: str) -> None:
+    """Range check of an index tensor's values, for CPU tensors only.
+
+    Reading a GPU tensor's values on the host (.min(), .item(), int(...)) waits for the stream: one
+    sampling step would stall the GPU every call (issue 5: no host synchronisation in add_noise, the
+    loss or a step). So on a GPU values are not checked here; the kernels clamp every gathered index
+    into the table, so a bad value gives a wrong number, never an out-of-bounds read.
+    """
+    if values.device.type != "cpu" or values.numel() == 0:
         return
-    low, high = int(timesteps.min()), int(timesteps.max())
+    got_low, got_high = int(values.min()), int(values.max())
+    if (low is not None and got_low < low) or got_high > high:
+        allowed = f"[{low}, {high}]" if low is not None else f"<= {high}"
+        raise ValueError(f"{fn}: {name} must lie in {allowed} ({what}); got values in [{got_low}, {got_high}]")
+
+
+def check_timestep_values(fn: str, timesteps: Tensor, alphas_cumprod: Tensor) -> None:
+    """Timesteps index alphas_cumprod: [0, T - 1]. CPU tensors only (see check_index_values)."""
     T = alphas_cumprod.shape[0]
-    if low < 0 or high >= T:
-        raise ValueError(f"{fn}: timesteps must lie in [0, {T - 1}] (len(alphas_cumprod) = {T}); got values in "
-                         f"[{low}, {high}]")
+    check_index_values(fn, "timesteps", timesteps, 0, T - 1, f"len(alphas_cumprod) = {T}")
 
 
 def _define(name: str, samples_name: str):

@@ -4,6 +4,7 @@ It is the oracle the other backends are tested against and never calls another b
 """
 from mmkern.dispatch import register_kernel
 from mmkern.reference import attention, diffusion, norm
+from mmkern.reference import diffusion_loss, diffusion_samplers
 
 register_kernel("attention_forward", "reference", attention.forward)
 register_kernel("attention_backward", "reference", attention.backward)
@@ -12,3 +13,9 @@ register_kernel("norm_residual_forward", "reference", norm.forward)
 register_kernel("norm_residual_backward", "reference", norm.backward)
 register_kernel("add_noise", "reference", diffusion.add_noise)
 register_kernel("get_velocity", "reference", diffusion.get_velocity)
+register_kernel("diffusion_loss", "reference", diffusion_loss.forward)
+register_kernel("diffusion_loss_backward", "reference", diffusion_loss.backward)
+register_kernel("ddpm_step", "reference", diffusion_samplers.ddpm_step)
+register_kernel("ddim_step", "reference", diffusion_samplers.ddim_step)
+register_kernel("euler_step", "reference", diffusion_samplers.euler_step)
+register_kernel("euler_scale_model_input", "reference", diffusion_samplers.euler_scale_model_input)

@@ -14,6 +14,12 @@ from mmkern.dispatch import register_kernel
 KERNELS = {
     "add_noise": ("diffusion", "add_noise", "noise_mix_reasons"),
     "get_velocity": ("diffusion", "get_velocity", "noise_mix_reasons"),
+    "diffusion_loss": ("diffusion_loss", "forward", "loss_reasons"),
+    "diffusion_loss_backward": ("diffusion_loss", "backward", "loss_reasons"),
+    "ddpm_step": ("diffusion_samplers", "ddpm_step", "step_reasons"),
+    "ddim_step": ("diffusion_samplers", "ddim_step", "step_reasons"),
+    "euler_step": ("diffusion_samplers", "euler_step", "step_reasons"),
+    "euler_scale_model_input": ("diffusion_samplers", "euler_scale_model_input", "step_reasons"),
     "norm_residual_forward": ("norm", "norm_forward", "norm_forward_reasons"),
     "norm_residual_backward": ("norm", "norm_backward", "norm_backward_reasons"),
 }

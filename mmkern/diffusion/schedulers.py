@@ -1,0 +1,216 @@
+"""diffusers drop-in schedulers whose add_noise, get_velocity, scale_model_input and step run on mmkern's fused ops.
+
+    pipe.scheduler = mmkern.diffusion.DDIMScheduler.from_config(pipe.scheduler.config)
+
+Subclasses of diffusers' DDPMScheduler, DDIMScheduler and EulerDiscreteScheduler: same config, same
+set_timesteps, same outputs (within float32 rounding), same use of the generator. Importing this module
+imports diffusers (an optional dependency: `pip install mmkern[models]`); `import mmkern` does not.
+
+What differs from diffusers, on purpose:
+  - No host synchronisation in step / add_noise / scale_model_input: the tables live on the
+    sample's device (cached per device), timesteps are gathered inside the kernels, the previous
+    timestep comes from a device lookup table built in set_timesteps (diffusers' DDPM searches
+    self.timesteps with .nonzero() every step). DDPM draws its noise whenever the timestep is a
+    device tensor (diffusers asks `t > 0` on the host; the kernel adds it only where t > 0), so the
+    generator advances once more at the last step than diffusers' does; with CPU timesteps the
+    draws are exactly diffusers'. Euler finds its first step index as diffusers does (one search,
+    unless set_begin_index was called), then counts on the host.
+  - Coefficients in float32 from mmkern's float64 alphas_cumprod (diffusers: float32 tables, and
+    for half-precision samples a_t cast to the sample dtype before the square root).
+  - step also accepts a (B,) tensor of timesteps: one per sample.
+  - DDPM "fixed_large_log" gives sqrt(beta_t) noise (diffusers: (log beta_t) ** 0.5 = NaN).
+  - EulerDiscreteScheduler.add_noise is diffusers' own (not fused).
+"""
+from __future__ import annotations
+
+import torch
+import diffusers
+from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
+from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
+from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from mmkern.diffusion import add_noise as _add_noise, get_velocity as _get_velocity
+from mmkern.diffusion.sampling import (ddim_step, ddpm_step, euler_scale_model_input, euler_step)
+from mmkern.diffusion.schedules import NoiseSchedule
+
+
+def _on(cache: dict, key: str, device: torch.device, make):
+    """cache[(key, device)], made once per device (a host-to-device copy outside the sampling loop)."""
+    k = (key, str(device))
+    if k not in cache:
+        cache[k] = make().to(device)
+    return cache[k]
+
+
+def _timestep_tensor(timestep, device) -> torch.Tensor:
+    if isinstance(timestep, torch.Tensor):
+        return timestep.to(device=device, dtype=torch.int64) if timestep.dtype.is_floating_point or \
+            timestep.device != device else timestep
+    return torch.tensor(int(timestep), dtype=torch.int64, device=device)
+
+
+def _host_any_positive(timestep) -> bool | None:
+    """Is any timestep > 0, if that can be known without reading a GPU tensor (None: unknown)."""
+    if isinstance(timestep, torch.Tensor):
+        return bool((timestep > 0).any()) if timestep.device.type == "cpu" else None
+    return timestep > 0
+
+
+class _AlphaTables:
+    """float64 alphas_cumprod of the scheduler's config, per device, and the previous-timestep lookup."""
+
+    def _mm_cache(self) -> dict:
+        if "_mm_tables" not in self.__dict__:
+            self.__dict__["_mm_tables"] = {}
+        return self.__dict__["_mm_tables"]
+
+    def _mm_alphas_cumprod(self, device) -> torch.Tensor:
+        c = self.config
+
+        def make():
+            return NoiseSchedule(c.num_train_timesteps, c.beta_start, c.beta_end, c.beta_schedule, c.trained_betas,
+                                 c.rescale_betas_zero_snr).alphas_cumprod
+        return _on(self._mm_cache(), "alphas_cumprod", device, make)
+
+    def _mm_set_prev_table(self, prev: torch.Tensor) -> None:
+        cache = self._mm_cache()
+        for k in [k for k in cache if k[0] == "prev"]:
+            del cache[k]
+        cache["prev_cpu"] = prev
+
+    def _mm_prev_table(self, device) -> torch.Tensor:
+        return _on(self._mm_cache(), "prev", device, lambda: self._mm_cache()["prev_cpu"])
+
+    def add_noise(self, original_samples, noise, timesteps):
+        return _add_noise(original_samples, noise, _timestep_tensor(timesteps, original_samples.device),
+                          self._mm_alphas_cumprod(original_samples.device))
+
+    def get_velocity(self, sample, noise, timesteps):
+        return _get_velocity(sample, noise, _timestep_tensor(timesteps, sample.device),
+                             self._mm_alphas_cumprod(sample.device))
+
+    def _mm_clip_kwargs(self):
+        c = self.config
+        return dict(prediction_type=c.prediction_type, clip_sample=c.clip_sample, clip_sample_range=c.clip_sample_range,
+                    thresholding=c.thresholding, dynamic_thresholding_ratio=c.dynamic_thresholding_ratio,
+                    sample_max_value=c.sample_max_value)
+
+
+class DDPMScheduler(_AlphaTables, diffusers.DDPMScheduler):
+    """diffusers.DDPMScheduler with a fused, per-sample, sync-free step (see the module docstring)."""
+
+    def set_timesteps(self, *args, **kwargs):
+        super().set_timesteps(*args, **kwargs)
+        T = self.config.num_train_timesteps
+        prev = torch.arange(-1, T - 1, dtype=torch.int64)              # without a schedule: t - 1
+        if self.custom_timesteps or self.num_inference_steps:
+            steps = self.timesteps.cpu().long()                         # once per set_timesteps, not per step
+            prev = torch.full((T,), -1, dtype=torch.int64)
+            prev[steps[:-1]] = steps[1:]
+        self._mm_set_prev_table(prev)
+
+    def _mm_prev(self, t: torch.Tensor) -> torch.Tensor:
+        if "prev_cpu" not in self._mm_cache():
+            self._mm_set_prev_table(torch.arange(-1, self.config.num_train_timesteps - 1, dtype=torch.int64))
+        return self._mm_prev_table(t.device)[t]
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+        t = _timestep_tensor(timestep, sample.device)
+        draw = _host_any_positive(timestep)
+        noise = None
+        if draw is None or draw:
+            noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=model_output.dtype)
+        prev_sample, x0 = ddpm_step(model_output, t, sample, self._mm_alphas_cumprod(sample.device),
+                                    prev_timesteps=self._mm_prev(t), noise=noise, variance_type=self.variance_type,
+                                    **self._mm_clip_kwargs())
+        if not return_dict:
+            return prev_sample, x0
+        return DDPMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+
+
+class DDIMScheduler(_AlphaTables, diffusers.DDIMScheduler):
+    """diffusers.DDIMScheduler with a fused, per-sample, sync-free step (see the module docstring)."""
+
+    def step(self, model_output, timestep, sample, eta=0.0, use_clipped_model_output=False, generator=None,
+             variance_noise=None, return_dict=True):
+        if self.num_inference_steps is None:
+            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating "
+                             "the scheduler")
+        t = _timestep_tensor(timestep, sample.device)
+        prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
+        noise = None
+        if eta > 0:
+            if variance_noise is not None and generator is not None:
+                raise ValueError("Cannot pass both generator and variance_noise. Please make sure that either "
+                                 "`generator` or `variance_noise` stays `None`.")
+            noise = variance_noise if variance_noise is not None else randn_tensor(
+                model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
+        ac = self._mm_alphas_cumprod(sample.device)
+        final = 1.0 if self.config.set_alpha_to_one else float(self._mm_alphas_cumprod(torch.device("cpu"))[0])
+        prev_sample, x0 = ddim_step(model_output, t, sample, ac, prev_t, final_alpha_cumprod=final, eta=eta,
+                                    noise=noise, use_clipped_model_output=use_clipped_model_output,
+                                    **self._mm_clip_kwargs())
+        if not return_dict:
+            return prev_sample, x0
+        return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+
+
+class EulerDiscreteScheduler(diffusers.EulerDiscreteScheduler):
+    """diffusers.EulerDiscreteScheduler with fused scale_model_input and step (see the module docstring).
+
+    Its sigmas are diffusers' own (computed in set_timesteps, kept on the CPU by diffusers); a copy
+    lives on the sample's device, with an index table whose 0-d views select a step without a copy."""
+
+    def _mm_cache(self) -> dict:
+        if "_mm_tables" not in self.__dict__:
+            self.__dict__["_mm_tables"] = {}
+        return self.__dict__["_mm_tables"]
+
+    def set_timesteps(self, *args, **kwargs):
+        super().set_timesteps(*args, **kwargs)
+        self.__dict__["_mm_tables"] = {}
+
+    def _mm_sigmas(self, device):
+        return _on(self._mm_cache(), "sigmas", device, lambda: self.sigmas.to(torch.float32))
+
+    def _mm_index(self, timestep, device) -> torch.Tensor:
+        """The step index as a device tensor: (B,) for per-sample timesteps, else a 0-d view."""
+        if isinstance(timestep, torch.Tensor) and timestep.dim() == 1 and timestep.numel() > 1:
+            schedule = _on(self._mm_cache(), "timesteps", device, lambda: self.timesteps.cpu())
+            return (timestep.to(device)[:, None] == schedule[None, :]).int().argmax(1)   # first match
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        indices = _on(self._mm_cache(), "indices", device, lambda: torch.arange(len(self.sigmas)))
+        return indices[self.step_index]
+
+    def scale_model_input(self, sample, timestep):
+        out = euler_scale_model_input(sample, self._mm_index(timestep, sample.device),
+                                      self._mm_sigmas(sample.device))
+        self.is_scale_input_called = True
+        return out
+
+    def step(self, model_output, timestep, sample, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0,
+             generator=None, return_dict=True):
+        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
+            raise ValueError("Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to "
+                             "`EulerDiscreteScheduler.step()` is not supported. Make sure to pass one of the "
+                             "`scheduler.timesteps` as a timestep.")
+        per_sample = isinstance(timestep, torch.Tensor) and timestep.dim() == 1 and timestep.numel() > 1
+        index = self._mm_index(timestep, sample.device)
+        gamma_max = min(s_churn / (len(self.sigmas) - 1), 2 ** 0.5 - 1)
+        if per_sample:
+            churn = gamma_max > 0                          # the kernel applies s_tmin/s_tmax per sample
+        else:
+            sigma = self.sigmas[self.step_index]           # a CPU table: no device sync
+            churn = gamma_max > 0 and bool(s_tmin <= sigma <= s_tmax)
+        noise = randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device,
+                             generator=generator) if churn else None
+        prev_sample, x0 = euler_step(model_output, index, sample, self._mm_sigmas(sample.device), noise=noise,
+                                     prediction_type=self.config.prediction_type, s_churn=s_churn, s_tmin=s_tmin,
+                                     s_tmax=s_tmax, s_noise=s_noise)
+        if not per_sample:
+            self._step_index += 1
+        if not return_dict:
+            return prev_sample, x0
+        return EulerDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)

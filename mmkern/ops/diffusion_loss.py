@@ -1,0 +1,106 @@
+"""The diffusion training loss as torch ops: mmkern::diffusion_loss and mmkern::diffusion_loss_backward.
+
+    diffusion_loss(model_output, original_samples, noise, timesteps, alphas_cumprod, prediction_type, snr_gamma)
+        -> 0-d float32 loss (float64 for float64 inputs); snr_gamma <= 0 means no Min-SNR weighting
+    diffusion_loss_backward(grad, ...same...) -> d loss / d model_output, one fused kernel
+
+model_output, original_samples, noise: (B, ...), one shape and dtype; timesteps 0-d or (B,) integers.
+The gradients for original_samples and noise (rarely wanted: the target is data) are written
+with plain torch ops from d model_output: the target is linear in them.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mmkern import dispatch
+from mmkern.ops._checks import FLOAT_DTYPES, check_tensor
+from mmkern.ops.diffusion import check_schedule_inputs, check_timestep_values
+from mmkern.reference.diffusion import schedule_coefficients
+from mmkern.reference.diffusion_loss import loss_dtype
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def check_prediction_type(fn: str, prediction_type: str, allowed=PREDICTION_TYPES) -> None:
+    if prediction_type not in allowed:
+        raise ValueError(f"{fn}: prediction_type must be one of {', '.join(allowed)}; got {prediction_type!r}")
+
+
+def check_loss_inputs(fn, model_output, original_samples, noise, timesteps, alphas_cumprod, prediction_type):
+    check_schedule_inputs(fn, "original_samples", original_samples, noise, timesteps, alphas_cumprod)
+    check_tensor(fn, "model_output", model_output, dtypes=FLOAT_DTYPES)
+    if model_output.shape != original_samples.shape or model_output.dtype != original_samples.dtype:
+        raise ValueError(f"{fn}: model_output must have the shape and dtype of original_samples "
+                         f"({tuple(original_samples.shape)}, {original_samples.dtype}); got "
+                         f"{tuple(model_output.shape)}, {model_output.dtype}")
+    if model_output.device != original_samples.device:
+        raise ValueError(f"{fn}: all tensors must be on one device; got model_output on {model_output.device}, "
+                         f"original_samples on {original_samples.device}")
+    check_prediction_type(fn, prediction_type)
+
+
+@torch.library.custom_op("mmkern::diffusion_loss", mutates_args=())
+def diffusion_loss(model_output: Tensor, original_samples: Tensor, noise: Tensor, timesteps: Tensor,
+                   alphas_cumprod: Tensor, prediction_type: str, snr_gamma: float) -> Tensor:
+    fn = "mmkern::diffusion_loss"
+    check_loss_inputs(fn, model_output, original_samples, noise, timesteps, alphas_cumprod, prediction_type)
+    check_timestep_values(fn, timesteps, alphas_cumprod)
+    return dispatch.call("diffusion_loss", model_output.device, model_output=model_output,
+                         original_samples=original_samples, noise=noise, timesteps=timesteps,
+                         alphas_cumprod=alphas_cumprod, prediction_type=prediction_type, snr_gamma=snr_gamma)
+
+
+@diffusion_loss.register_fake
+def _(model_output, original_samples, noise, timesteps, alphas_cumprod, prediction_type, snr_gamma):
+    check_loss_inputs("mmkern::diffusion_loss", model_output, original_samples, noise, timesteps, alphas_cumprod,
+                      prediction_type)
+    return model_output.new_empty((), dtype=loss_dtype(model_output))
+
+
+@torch.library.custom_op("mmkern::diffusion_loss_backward", mutates_args=())
+def diffusion_loss_backward(grad: Tensor, model_output: Tensor, original_samples: Tensor, noise: Tensor,
+                            timesteps: Tensor, alphas_cumprod: Tensor, prediction_type: str,
+                            snr_gamma: float) -> Tensor:
+    fn = "mmkern::diffusion_loss_backward"
+    check_loss_inputs(fn, model_output, original_samples, noise, timesteps, alphas_cumprod, prediction_type)
+    check_tensor(fn, "grad", grad, dtypes=FLOAT_DTYPES, ndim=0)
+    return dispatch.call("diffusion_loss_backward", model_output.device, grad=grad, model_output=model_output,
+                         original_samples=original_samples, noise=noise, timesteps=timesteps,
+                         alphas_cumprod=alphas_cumprod, prediction_type=prediction_type, snr_gamma=snr_gamma)
+
+
+@diffusion_loss_backward.register_fake
+def _(grad, model_output, original_samples, noise, timesteps, alphas_cumprod, prediction_type, snr_gamma):
+    check_loss_inputs("mmkern::diffusion_loss_backward", model_output, original_samples, noise, timesteps,
+                      alphas_cumprod, prediction_type)
+    return model_output.new_empty(model_output.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    model_output, original_samples, noise, timesteps, alphas_cumprod, prediction_type, snr_gamma = inputs
+    ctx.save_for_backward(model_output, original_samples, noise, timesteps, alphas_cumprod)
+    ctx.prediction_type, ctx.snr_gamma = prediction_type, snr_gamma
+
+
+def _backward(ctx, grad):
+    model_output, original_samples, noise, timesteps, alphas_cumprod = ctx.saved_tensors
+    d_model_output = diffusion_loss_backward(grad, model_output, original_samples, noise, timesteps, alphas_cumprod,
+                                             ctx.prediction_type, ctx.snr_gamma)
+    d_original = d_noise = None
+    # loss depends on the target only through (model_output - target): d target = -d model_output
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        if ctx.prediction_type == "epsilon":
+            d_noise = -d_model_output
+            d_original = torch.zeros_like(original_samples)
+        elif ctx.prediction_type == "sample":
+            d_original, d_noise = -d_model_output, torch.zeros_like(noise)
+        else:   # target = sqrt(a) noise - sqrt(1 - a) x0
+            sqrt_a, sqrt_one_minus_a = schedule_coefficients(timesteps, alphas_cumprod, d_model_output,
+                                                             dtype=torch.float32)
+            d_original = (d_model_output * sqrt_one_minus_a).to(original_samples.dtype)
+            d_noise = (-d_model_output * sqrt_a).to(noise.dtype)
+    return d_model_output, d_original, d_noise, None, None, None, None
+
+
+torch.library.register_autograd("mmkern::diffusion_loss", _backward, setup_context=_setup_context)
