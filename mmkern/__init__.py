@@ -19,9 +19,10 @@ from mmkern.attention import (flash_attn_func, flash_attn_varlen_func, flash_att
                               scaled_dot_product_attention)
 from mmkern.norm import layer_norm_residual, rms_norm_residual
 from mmkern import diffusion
+from mmkern import nn
 
 __all__ = [
-    "__version__", "NoBackendError", "available_backends", "backend", "diffusion",
+    "__version__", "NoBackendError", "available_backends", "backend", "diffusion", "nn",
     "flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache", "scaled_dot_product_attention",
     "layer_norm_residual", "rms_norm_residual",
 ]

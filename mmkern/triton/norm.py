@@ -21,9 +21,11 @@ Backward: a grid of programs, each owning a run of consecutive rows inside one s
     d_residual = dpre;   dx = dpre * keep / (1 - p)
 and per program float32 partial sums of dweight (dy * xhat), dbias (dy), dshift (dout) and dscale
 (dout * y), one (N,) row per program; the launcher sums those rows in a fixed order (torch .sum,
-deterministic, no atomics), per sample for dshift/dscale. Narrow rows take one pass (read pre,
-dout once; write dx, d_residual once); WIDE rows take a pass for the two row sums, then a pass over
-column blocks (rows inside) so the partial sums stay in registers.
+deterministic, no atomics), per sample for dshift/dscale. mean and rstd are recomputed from the
+stored pre (as the reference does), not taken from the forward. Narrow rows take one pass (read pre,
+dout once; write dx, d_residual once); WIDE rows take a pass for the row statistics (mean, rstd and
+the two row sums, merged block by block), then a pass over column blocks (rows inside) so the
+partial sums stay in registers: pre and dout are read twice.
 
 Only the row stride of x/residual/dout/dpre is free (the last dimension is contiguous); every
 output is a new contiguous tensor. weight, bias, shift and scale are read as float32 (cast once
@@ -168,10 +170,8 @@ def _norm_forward_kernel(x_ptr, residual_ptr, weight_ptr, bias_ptr, shift_ptr, s
 
 
 @triton.jit
-def _row_grad(pre_row, dout_row, dpre_row, cols, in_row, mean, rstd, modulation, weight, has_dpre, has_scale,
-              has_weight):
-    """(xhat, dout, dy, dxhat, dpre_in) of one row on one column block, float32."""
-    xhat = tl.where(in_row, (tl.load(pre_row + cols, mask=in_row, other=0.0).to(tl.float32) - mean) * rstd, 0.0)
+def _dy_dxhat(dout_row, cols, in_row, modulation, weight, has_scale, has_weight):
+    """(dout, dy, dxhat) of one row on one column block, float32: dy = dout * (1 + scale), dxhat = dy * weight."""
     dout = tl.load(dout_row + cols, mask=in_row, other=0.0).to(tl.float32)
     dy = dout
     if has_scale:
@@ -179,20 +179,35 @@ def _row_grad(pre_row, dout_row, dpre_row, cols, in_row, mean, rstd, modulation,
     dxhat = dy
     if has_weight:
         dxhat = dy * weight
-    dpre_in = tl.zeros_like(dxhat)
+    return dout, dy, dxhat
+
+
+@triton.jit
+def _input_grads(dxhat, xhat, rstd, projection, mean_dxhat, row, N, cols, in_row, dpre_row, dx_ptr, dresidual_ptr,
+                 seed, dropout_p, dropout_scale, has_dpre, has_residual, has_dropout):
+    """dpre = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) + dpre_in; store d_residual = dpre
+    and dx = dpre * keep / (1 - p) for one row on one column block."""
+    dpre = rstd * (dxhat - mean_dxhat - xhat * projection)
     if has_dpre:
-        dpre_in = tl.load(dpre_row + cols, mask=in_row, other=0.0).to(tl.float32)
-    return xhat, dout, dy, dxhat, dpre_in
+        dpre += tl.load(dpre_row + cols, mask=in_row, other=0.0).to(tl.float32)
+    if has_residual:
+        tl.store(dresidual_ptr + row * N + cols, dpre.to(dresidual_ptr.dtype.element_ty), mask=in_row)
+    if has_dropout:
+        dpre = tl.where(_keep(seed, row * N + cols, dropout_p), dpre * dropout_scale, 0.0)
+    tl.store(dx_ptr + row * N + cols, dpre.to(dx_ptr.dtype.element_ty), mask=in_row)
 
 
 @triton.jit(do_not_specialize=["seed", *_BACKWARD_FLAGS])
-def _norm_backward_kernel(dout_ptr, dpre_ptr, pre_ptr, weight_ptr, bias_ptr, scale_ptr, mean_ptr, rstd_ptr,
+def _norm_backward_kernel(dout_ptr, dpre_ptr, pre_ptr, weight_ptr, bias_ptr, scale_ptr,
                           dx_ptr, dresidual_ptr, dweight_part_ptr, dbias_part_ptr, dshift_part_ptr, dscale_part_ptr,
-                          row_sums_ptr,
+                          row_stats_ptr,
                           N, rows_per_sample, rows_per_program, programs_per_sample, dout_row_stride, dpre_row_stride,
-                          dropout_p, dropout_scale, seed,
+                          eps, dropout_p, dropout_scale, seed,
                           has_residual, has_weight, has_bias, has_shift, has_scale, has_dropout, has_dpre, is_rms_norm,
                           BLOCK_N: tl.constexpr, WIDE: tl.constexpr):
+    # The statistics are recomputed from the stored (rounded) pre, not taken from the forward: with
+    # pre in half precision, (rounded pre - unrounded mean) * rstd is rounding noise times up to
+    # 1/sqrt(eps) (a width-1 LayerNorm has xhat = 0 exactly). Free for narrow rows (in registers).
     program = tl.program_id(0)
     sample = program // programs_per_sample
     first_row = sample.to(tl.int64) * rows_per_sample + (program % programs_per_sample) * rows_per_program
@@ -200,26 +215,50 @@ def _norm_backward_kernel(dout_ptr, dpre_ptr, pre_ptr, weight_ptr, bias_ptr, sca
     cols = tl.arange(0, BLOCK_N)
     part_row = program.to(tl.int64) * N
     modulation_row = sample.to(tl.int64) * N
-    centre = 1.0 - is_rms_norm                     # LayerNorm subtracts mean(dxhat); RMSNorm does not
+    centre = 1.0 - is_rms_norm                     # LayerNorm subtracts the means; RMSNorm does not
     if WIDE:
-        # pass A: the two row sums, mean(dxhat * xhat) and mean(dxhat), to a (rows, 2) scratch
+        # pass A, per row: mean and M2 of pre, mean of dxhat and the co-moment sum((pre - mean) * dxhat),
+        # merged block by block (Chan et al.), give (mean, rstd, mean(dxhat * xhat), mean(dxhat))
+        # -> a (rows, 4) float32 scratch
         for row in range(first_row, end_row):
-            rstd = tl.load(rstd_ptr + row)
-            mean = tl.load(mean_ptr + row, mask=is_rms_norm == 0, other=0.0)
-            projection = 0.0
-            total = 0.0
+            count = 0.0
+            mean = 0.0
+            m2 = 0.0
+            mean_dxhat = 0.0
+            comoment = 0.0
             for start in range(0, N, BLOCK_N):
                 c = start + cols
                 in_row = c < N
                 modulation = tl.load(scale_ptr + modulation_row + c, mask=in_row & (has_scale != 0), other=0.0)
                 weight = tl.load(weight_ptr + c, mask=in_row & (has_weight != 0), other=0.0)
-                xhat, dout, dy, dxhat, dpre_in = _row_grad(pre_ptr + row * N, dout_ptr + row * dout_row_stride,
-                                                           dpre_ptr + row * dpre_row_stride, c, in_row, mean, rstd,
-                                                           modulation, weight, 0, has_scale, has_weight)
-                projection += tl.sum(dxhat * xhat, axis=0)
-                total += tl.sum(dxhat, axis=0)
-            tl.store(row_sums_ptr + 2 * row, projection / N)
-            tl.store(row_sums_ptr + 2 * row + 1, total / N * centre)
+                pre = tl.load(pre_ptr + row * N + c, mask=in_row, other=0.0).to(tl.float32)
+                dout, dy, dxhat = _dy_dxhat(dout_ptr + row * dout_row_stride, c, in_row, modulation, weight,
+                                            has_scale, has_weight)
+                block_count = tl.minimum(N - start, BLOCK_N).to(tl.float32)
+                block_mean = tl.sum(pre, axis=0) / block_count
+                block_mean_dxhat = tl.sum(dxhat, axis=0) / block_count
+                centered = tl.where(in_row, pre - block_mean, 0.0)
+                block_m2 = tl.sum(centered * centered, axis=0)
+                block_comoment = tl.sum(centered * (dxhat - block_mean_dxhat), axis=0)
+                total = count + block_count
+                delta = block_mean - mean
+                delta_dxhat = block_mean_dxhat - mean_dxhat
+                weight_ab = count * block_count / total
+                mean = mean + delta * (block_count / total)
+                mean_dxhat = mean_dxhat + delta_dxhat * (block_count / total)
+                m2 = m2 + block_m2 + delta * delta * weight_ab
+                comoment = comoment + block_comoment + delta * delta_dxhat * weight_ab
+                count = total
+            variance = m2 / N
+            if is_rms_norm:                        # about 0: mean(pre^2), sum(pre * dxhat)
+                variance = variance + mean * mean
+                comoment = comoment + N * mean * mean_dxhat
+                mean = mean * 0.0
+            rstd = 1.0 / tl.sqrt(variance + eps)
+            tl.store(row_stats_ptr + 4 * row, mean)
+            tl.store(row_stats_ptr + 4 * row + 1, rstd)
+            tl.store(row_stats_ptr + 4 * row + 2, comoment * rstd / N)
+            tl.store(row_stats_ptr + 4 * row + 3, mean_dxhat * centre)
         tl.debug_barrier()   # the scratch written by some threads is read by all below
         # pass B: column blocks outside, rows inside, so the partial sums stay in registers
         for start in range(0, N, BLOCK_N):
@@ -232,19 +271,17 @@ def _norm_backward_kernel(dout_ptr, dpre_ptr, pre_ptr, weight_ptr, bias_ptr, sca
             dshift_acc = tl.zeros([BLOCK_N], tl.float32)
             dscale_acc = tl.zeros([BLOCK_N], tl.float32)
             for row in range(first_row, end_row):
-                rstd = tl.load(rstd_ptr + row)
-                mean = tl.load(mean_ptr + row, mask=is_rms_norm == 0, other=0.0)
-                xhat, dout, dy, dxhat, dpre_in = _row_grad(pre_ptr + row * N, dout_ptr + row * dout_row_stride,
-                                                           dpre_ptr + row * dpre_row_stride, c, in_row, mean, rstd,
-                                                           modulation, weight, has_dpre, has_scale, has_weight)
-                projection = tl.load(row_sums_ptr + 2 * row)
-                mean_dxhat = tl.load(row_sums_ptr + 2 * row + 1)
-                dpre = rstd * (dxhat - mean_dxhat - xhat * projection) + dpre_in
-                if has_residual:
-                    tl.store(dresidual_ptr + row * N + c, dpre.to(dresidual_ptr.dtype.element_ty), mask=in_row)
-                if has_dropout:
-                    dpre = tl.where(_keep(seed, row * N + c, dropout_p), dpre * dropout_scale, 0.0)
-                tl.store(dx_ptr + row * N + c, dpre.to(dx_ptr.dtype.element_ty), mask=in_row)
+                mean = tl.load(row_stats_ptr + 4 * row)
+                rstd = tl.load(row_stats_ptr + 4 * row + 1)
+                projection = tl.load(row_stats_ptr + 4 * row + 2)
+                mean_dxhat = tl.load(row_stats_ptr + 4 * row + 3)
+                pre = tl.load(pre_ptr + row * N + c, mask=in_row, other=0.0).to(tl.float32)
+                xhat = tl.where(in_row, (pre - mean) * rstd, 0.0)
+                dout, dy, dxhat = _dy_dxhat(dout_ptr + row * dout_row_stride, c, in_row, modulation, weight,
+                                            has_scale, has_weight)
+                _input_grads(dxhat, xhat, rstd, projection, mean_dxhat, row, N, c, in_row,
+                             dpre_ptr + row * dpre_row_stride, dx_ptr, dresidual_ptr, seed, dropout_p, dropout_scale,
+                             has_dpre, has_residual, has_dropout)
                 dweight_acc += dy * xhat
                 dbias_acc += dy
                 dshift_acc += dout
@@ -267,19 +304,18 @@ def _norm_backward_kernel(dout_ptr, dpre_ptr, pre_ptr, weight_ptr, bias_ptr, sca
         dshift_acc = tl.zeros([BLOCK_N], tl.float32)
         dscale_acc = tl.zeros([BLOCK_N], tl.float32)
         for row in range(first_row, end_row):
-            rstd = tl.load(rstd_ptr + row)
-            mean = tl.load(mean_ptr + row, mask=is_rms_norm == 0, other=0.0)
-            xhat, dout, dy, dxhat, dpre_in = _row_grad(pre_ptr + row * N, dout_ptr + row * dout_row_stride,
-                                                       dpre_ptr + row * dpre_row_stride, cols, in_row, mean, rstd,
-                                                       modulation, weight, has_dpre, has_scale, has_weight)
+            pre = tl.load(pre_ptr + row * N + cols, mask=in_row, other=0.0).to(tl.float32)
+            mean = tl.sum(pre, axis=0) / N * centre
+            centered = tl.where(in_row, pre - mean, 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / N + eps)
+            xhat = centered * rstd
+            dout, dy, dxhat = _dy_dxhat(dout_ptr + row * dout_row_stride, cols, in_row, modulation, weight,
+                                        has_scale, has_weight)
             projection = tl.sum(dxhat * xhat, axis=0) / N
             mean_dxhat = tl.sum(dxhat, axis=0) / N * centre
-            dpre = rstd * (dxhat - mean_dxhat - xhat * projection) + dpre_in
-            if has_residual:
-                tl.store(dresidual_ptr + row * N + cols, dpre.to(dresidual_ptr.dtype.element_ty), mask=in_row)
-            if has_dropout:
-                dpre = tl.where(_keep(seed, row * N + cols, dropout_p), dpre * dropout_scale, 0.0)
-            tl.store(dx_ptr + row * N + cols, dpre.to(dx_ptr.dtype.element_ty), mask=in_row)
+            _input_grads(dxhat, xhat, rstd, projection, mean_dxhat, row, N, cols, in_row,
+                         dpre_ptr + row * dpre_row_stride, dx_ptr, dresidual_ptr, seed, dropout_p, dropout_scale,
+                         has_dpre, has_residual, has_dropout)
             dweight_acc += dy * xhat
             dbias_acc += dy
             dshift_acc += dout
@@ -414,15 +450,16 @@ def norm_backward(dout, dpre, pre, weight, bias, mean, rstd, eps, dropout_p, dro
 
     parts = [partial(t) for t in (weight, bias, shift, scale)]
     block, wide = block_size(N)
-    row_sums = torch.empty((rows, 2) if wide else (1,), dtype=torch.float32, device=device)
+    # (mean, rstd, mean(dxhat * xhat), mean(dxhat)) per row, between the two passes over wide rows
+    row_stats = torch.empty((rows, 4) if wide else (1,), dtype=torch.float32, device=device)
     weight32, bias32, scale32 = (_float32(t) for t in (weight, bias, scale))
-    dummy = row_sums     # stands in for absent tensors; never read or written (its flag is 0)
+    dummy = row_stats    # stands in for absent tensors; never read or written (its flag is 0)
     _norm_backward_kernel[(programs,)](
         dout, pre if dpre is None else dpre, pre, dummy if weight32 is None else weight32,
-        dummy if bias32 is None else bias32, dummy if scale32 is None else scale32, rstd if is_rms_norm else mean,
-        rstd, dx, d_residual, *(dummy if p is None else p for p in parts), row_sums,
+        dummy if bias32 is None else bias32, dummy if scale32 is None else scale32,
+        dx, d_residual, *(dummy if p is None else p for p in parts), row_stats,
         N, rows_per_sample, rows_per_program, programs_per_sample, dout.stride(0),
-        0 if dpre is None else dpre.stride(0), float(dropout_p), 1.0 / (1.0 - dropout_p),
+        0 if dpre is None else dpre.stride(0), float(eps), float(dropout_p), 1.0 / (1.0 - dropout_p),
         _seed_value(dropout_p, dropout_seed), int(has_residual), int(weight is not None), int(bias is not None),
         int(shift is not None), int(scale is not None), int(dropout_p > 0), int(dpre is not None), int(is_rms_norm),
         BLOCK_N=block, WIDE=wide, num_warps=num_warps_for(block))
@@ -471,11 +508,11 @@ def aot_configs():
                        "seed": "i64", **{name: "i32" for name in _FORWARD_FLAGS}}
             yield _norm_forward_kernel, forward, constexprs, num_warps_for(block), 1
             backward = {"dout_ptr": xp, "dpre_ptr": sp, "pre_ptr": sp, "weight_ptr": "*fp32", "bias_ptr": "*fp32",
-                        "scale_ptr": "*fp32", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "dx_ptr": xp,
+                        "scale_ptr": "*fp32", "dx_ptr": xp,
                         "dresidual_ptr": sp, "dweight_part_ptr": "*fp32", "dbias_part_ptr": "*fp32",
-                        "dshift_part_ptr": "*fp32", "dscale_part_ptr": "*fp32", "row_sums_ptr": "*fp32", "N": "i32",
+                        "dshift_part_ptr": "*fp32", "dscale_part_ptr": "*fp32", "row_stats_ptr": "*fp32", "N": "i32",
                         "rows_per_sample": "i32", "rows_per_program": "i32", "programs_per_sample": "i32",
-                        "dout_row_stride": "i32", "dpre_row_stride": "i32", "dropout_p": "fp32",
+                        "dout_row_stride": "i32", "dpre_row_stride": "i32", "eps": "fp32", "dropout_p": "fp32",
                         "dropout_scale": "fp32", "seed": "i64", **flags}
             yield _norm_backward_kernel, backward, constexprs, num_warps_for(block), 1
 
