@@ -96,8 +96,9 @@ def _backward(ctx, grad):
         elif ctx.prediction_type == "sample":
             d_original, d_noise = -d_model_output, torch.zeros_like(noise)
         else:   # target = sqrt(a) noise - sqrt(1 - a) x0
+            coefficient_dtype = torch.float64 if d_model_output.dtype == torch.float64 else torch.float32
             sqrt_a, sqrt_one_minus_a = schedule_coefficients(timesteps, alphas_cumprod, d_model_output,
-                                                             dtype=torch.float32)
+                                                             dtype=coefficient_dtype)
             d_original = (d_model_output * sqrt_one_minus_a).to(original_samples.dtype)
             d_noise = (-d_model_output * sqrt_a).to(noise.dtype)
     return d_model_output, d_original, d_noise, None, None, None, None

@@ -3,7 +3,8 @@
 The same math as diffusers' DDPMScheduler.step, DDIMScheduler.step and EulerDiscreteScheduler.step,
 written per sample: `timesteps` / `prev_timesteps` / `step_index` are 0-d or (B,) and gathered from
 the tables here, so one call can step a batch whose samples sit at different timesteps.
-Computed in float64 (or precision.compute_in's dtype); outputs in the samples' dtype.
+Computed in float64 (or precision.compute_in's dtype); outputs in the samples' dtype, always new
+tensors (copy=True: with prediction_type "sample", x0 is model_output itself).
 
 Where diffusers gives NaN, mmkern gives the evident intended value (each documented below):
   - DDPM variance_type "fixed_large_log": diffusers takes (log beta_t) ** 0.5 (NaN); mmkern uses
@@ -47,7 +48,9 @@ def predict_x0_and_epsilon(model_output, sample, a, prediction_type):
 def dynamic_threshold(x0: torch.Tensor, ratio: float, sample_max_value: float) -> torch.Tensor:
     """Imagen's dynamic thresholding: s = clamp(quantile(|x0|, ratio) per sample, 1, max); x0 -> clamp(x0, -s, s) / s."""
     flat = x0.reshape(x0.shape[0], -1)
-    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(1, sample_max_value).unsqueeze(1)
+    # torch.quantile takes float32/float64 only: half-precision x0 is upcast for it (as diffusers does)
+    q = torch.quantile(flat.abs() if flat.dtype in (torch.float32, torch.float64) else flat.abs().float(), ratio, dim=1)
+    s = q.to(flat.dtype).clamp(1, sample_max_value).unsqueeze(1)
     return (torch.minimum(torch.maximum(flat, -s), s) / s).reshape(x0.shape)
 
 
@@ -95,7 +98,7 @@ def ddpm_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, n
             std = torch.exp(0.5 * (frac * current_beta.log() + (1 - frac) * variance.log()))
         t_positive = per_sample(timesteps > 0, s)
         out = mean + torch.where(t_positive, std * up(noise), torch.zeros_like(mean))
-    return out.to(sample.dtype).contiguous(), x0.to(sample.dtype).contiguous()
+    return out.to(sample.dtype, copy=True), x0.to(sample.dtype, copy=True)
 
 
 def ddim_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, final_alpha_cumprod, eta, noise,
@@ -113,7 +116,7 @@ def ddim_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, f
     out = a_prev.sqrt() * x0 + (1 - a_prev - std ** 2).clamp(min=0).sqrt() * eps
     if eta > 0 and noise is not None:
         out = out + std * up(noise)
-    return out.to(sample.dtype).contiguous(), x0.to(sample.dtype).contiguous()
+    return out.to(sample.dtype, copy=True), x0.to(sample.dtype, copy=True)
 
 
 def euler_sigmas(sigmas, step_index, like):
@@ -146,7 +149,7 @@ def euler_step(model_output, sample, step_index, sigmas, noise, prediction_type,
     else:
         x0 = mo
     out = s + (s - x0) / sigma_hat * (sigma_next - sigma_hat)
-    return out.to(model_output.dtype).contiguous(), x0.to(euler_x0_dtype(model_output)).contiguous()
+    return out.to(model_output.dtype, copy=True), x0.to(euler_x0_dtype(model_output), copy=True)
 
 
 def euler_scale_model_input(sample, step_index, sigmas):

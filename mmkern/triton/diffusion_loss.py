@@ -44,12 +44,13 @@ def _weighted_difference(mo_ptr, x0_ptr, noise_ptr, timesteps_ptr, alphas_cumpro
     else:
         target = tl.load(x0_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
     if MIN_SNR:     # min(SNR, g) / SNR, / (SNR + 1), or min(SNR, g), written without inf / NaN
+        # (denominators kept >= 1e-30: a = 0 or 1 gives a huge finite ratio that the min caps, never inf)
         if PRED == 0:
-            w = tl.minimum(snr_gamma * (1.0 - a) / a, 1.0)
+            w = tl.minimum(snr_gamma * (1.0 - a) / tl.maximum(a, 1e-30), 1.0)
         elif PRED == 1:
             w = tl.minimum(a, snr_gamma * (1.0 - a))
         else:
-            w = tl.minimum(a / (1.0 - a), snr_gamma)
+            w = tl.minimum(a / tl.maximum(1.0 - a, 1e-30), snr_gamma)
     else:
         w = tl.full([1], 1.0, tl.float32)
     return w, mo - target
