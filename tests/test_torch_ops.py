@@ -1,5 +1,7 @@
 """Every op is a real torch operator: opcheck (schema, fake tensors, autograd registration, AOT
 dispatch with dynamic shapes) and torch.compile(fullgraph=True) of every public function."""
+import math
+
 import pytest
 import torch
 
@@ -71,6 +73,29 @@ def test_opcheck_diffusion(name):
     torch.library.opcheck(getattr(ops, name), args)
 
 
+def _diffusion_step_cases():
+    ac, t, prev = torch.linspace(0.99, 0.01, 20), torch.tensor([0, 7, 19]), torch.tensor([-1, 5, 17])
+    mo, s, n = randn(3, 2, 5), randn(3, 2, 5), randn(3, 2, 5)
+    sigmas = torch.cat([torch.linspace(5.0, 0.1, 6), torch.zeros(1)])
+    return {
+        "loss": (ops.diffusion_loss, (randn(3, 2, 5, requires_grad=True), randn(3, 2, 5, requires_grad=True),
+                                      randn(3, 2, 5, requires_grad=True), t, ac, "v_prediction", 5.0)),
+        "loss_backward": (ops.diffusion_loss_backward, (torch.tensor(0.7, dtype=torch.float64), mo, s, n, t, ac, "epsilon", 0.0)),
+        "ddpm": (ops.ddpm_step, (mo, s, t, prev, ac, n, "epsilon", "fixed_small", 1.0, 0.0, 1.0)),
+        "ddpm_learned_threshold": (ops.ddpm_step, (randn(3, 4, 5), s, t, prev, ac, n, "v_prediction",
+                                                   "learned_range", 0.0, 0.9, 2.0)),
+        "ddim": (ops.ddim_step, (mo, s, t, prev, ac, 1.0, 0.5, n, "sample", 1.0, 0.0, 1.0, True)),
+        "euler": (ops.euler_step, (mo, s, torch.tensor([0, 2, 5]), sigmas, n, "epsilon", 0.2, 0.0, math.inf, 1.0)),
+        "euler_scale": (ops.euler_scale_model_input, (s, torch.tensor(3), sigmas)),
+    }
+
+
+@pytest.mark.parametrize("case", list(_diffusion_step_cases()))
+def test_opcheck_diffusion_loss_and_steps(case):
+    op, args = _diffusion_step_cases()[case]
+    torch.library.opcheck(op, args)
+
+
 # --------------------------------------------------------------------------- torch.compile
 
 def _public_calls():
@@ -97,6 +122,17 @@ def _public_calls():
                          (x, r, torch.tensor([0, 4, 9]), ac)),
         "training_target": (lambda x, n, t, ac: mmkern.diffusion.training_target(x, n, t, ac, "v_prediction"),
                             (x, r, torch.tensor([0, 4, 9]), ac)),
+        "diffusion_loss": (lambda m, x, n, t, ac: mmkern.diffusion.diffusion_loss(m, x, n, t, ac, "v_prediction", 5.0),
+                           (b.expand(3, 16).clone(), x, r, torch.tensor([0, 4, 9]), ac)),
+        "ddpm_step": (lambda m, s, n, t, ac: mmkern.diffusion.ddpm_step(m, t, s, ac, noise=n, clip_sample=True),
+                      (b.expand(3, 16).clone(), x, r, torch.tensor([0, 4, 9]), ac)),
+        "ddim_step": (lambda m, s, n, t, ac: mmkern.diffusion.ddim_step(m, t, s, ac, t - 2, eta=1.0, noise=n,
+                                                                        thresholding=True),
+                      (b.expand(3, 16).clone(), x, r, torch.tensor([2, 4, 9]), ac)),
+        "euler_step": (lambda m, s, n, i, sig: mmkern.diffusion.euler_step(m, i, s, sig, noise=n, s_churn=1.0),
+                       (b.expand(3, 16).clone(), x, r, torch.tensor([0, 4, 8]), torch.linspace(9.0, 0.0, 10))),
+        "euler_scale_model_input": (lambda s, i, sig: mmkern.diffusion.euler_scale_model_input(s, i, sig),
+                                    (x, torch.tensor([0, 4, 9]), torch.linspace(9.0, 0.0, 10))),
     }
 
 
