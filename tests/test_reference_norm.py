@@ -103,3 +103,27 @@ def test_empty_rows_and_strided_rows():
         strided = wide[:, ::2]                      # last dim not contiguous: copied
         out = mmkern.rms_norm_residual(strided)
     assert max_abs_err(out, F.rms_norm(strided, (20,), eps=1e-6)) < TOL
+
+
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("shape", [(2, 5, 12), (3, 12), (1, 2, 2, 12)])
+def test_modulation_matches_the_adaln_formula(rms, shape):
+    """out = Norm(x + residual) * (1 + scale[b]) + shift[b]; gradients for all six inputs."""
+    N, B = shape[-1], shape[0]
+    x, residual = randn(*shape, requires_grad=True), randn(*shape, requires_grad=True)
+    weight, bias = randn(N, requires_grad=True), (None if rms else randn(N, requires_grad=True))
+    shift, scale = randn(B, N, requires_grad=True), randn(B, N, requires_grad=True)
+    fn = mmkern.rms_norm_residual if rms else mmkern.layer_norm_residual
+    kwargs = dict(weight=weight) if rms else dict(weight=weight, bias=bias)
+    with ref:
+        out, pre = fn(x, residual, **kwargs, prenorm=True, modulation=(shift, scale))
+    view = (B,) + (1,) * (len(shape) - 2) + (N,)
+    want = torch_norm(x + residual, weight, bias, 1e-6 if rms else 1e-5, rms) * (1 + scale.view(view)) + \
+        shift.view(view)
+    assert max_abs_err(out, want) < TOL
+    inputs = [t for t in (x, residual, weight, bias, shift, scale) if t is not None]
+    dout, dpre = randn(*shape), randn(*shape)
+    got = torch.autograd.grad((out, pre), inputs, (dout, dpre))
+    expected = torch.autograd.grad((want, x + residual), inputs, (dout, dpre))
+    for g, e in zip(got, expected):
+        assert max_abs_err(g, e) < TOL

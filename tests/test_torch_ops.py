@@ -66,6 +66,22 @@ def test_opcheck_norm(rms, dropout):
                                                        dropout, seed, rms, True, torch.float64))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["reference", "triton"])
+@pytest.mark.parametrize("rms", [False, True])
+def test_opcheck_norm_modulation(dtype, rms):
+    """adaLN shift/scale (batch=2 over 6 rows); float32 runs the Triton kernels (interpreter on CPU)."""
+    x, r = randn(6, 10, dtype=dtype, requires_grad=True), randn(6, 10, dtype=dtype, requires_grad=True)
+    w, b = randn(10, dtype=dtype, requires_grad=True), (None if rms else randn(10, dtype=dtype, requires_grad=True))
+    shift, scale = randn(2, 10, dtype=dtype, requires_grad=True), randn(2, 10, dtype=dtype, requires_grad=True)
+    args = (x, r, w, b, 1e-5, 0.2, _seed(), False, rms, shift, scale)
+    torch.library.opcheck(ops.norm_residual_forward, args)
+    with torch.no_grad():
+        out, pre, mean, rstd = ops.norm_residual_forward(*args)
+    torch.library.opcheck(ops.norm_residual_backward, (randn(6, 10, dtype=dtype), None, pre, w.detach(),
+                                                       None if b is None else b.detach(), mean, rstd, 1e-5, 0.2,
+                                                       _seed(), rms, True, dtype, shift.detach(), scale.detach()))
+
+
 @pytest.mark.parametrize("name", ["add_noise", "get_velocity"])
 def test_opcheck_diffusion(name):
     ac = torch.linspace(0.99, 0.01, 20)
@@ -117,6 +133,9 @@ def _public_calls():
         "layer_norm_residual": (lambda x, r, w, b: mmkern.layer_norm_residual(x, r, w, b, prenorm=True),
                                 (x, r, w, b)),
         "rms_norm_residual": (lambda x, r, w: mmkern.rms_norm_residual(x, r, w), (x, r, w)),
+        "layer_norm_residual modulation": (lambda x, r, s: mmkern.layer_norm_residual(x, r, modulation=(s, -s)),
+                                           (x, r, randn(3, 16))),
+        "LayerNormResidual module": (mmkern.nn.LayerNormResidual(16, prenorm=True).double(), (x, r)),
         "add_noise": (lambda x, n, t, ac: mmkern.diffusion.add_noise(x, n, t, ac), (x, r, torch.tensor([0, 4, 9]), ac)),
         "get_velocity": (lambda x, n, t, ac: mmkern.diffusion.get_velocity(x, n, t, ac),
                          (x, r, torch.tensor([0, 4, 9]), ac)),
