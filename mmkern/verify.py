@@ -177,6 +177,13 @@ def cases() -> list[Case]:
              cast=("x", "r", "w"), grad=("x", "r", "w"),
              torch_impl=lambda x, r, w: (F.rms_norm(x + r, (77,), w, eps=1e-6),),
              ops=("norm_residual_forward", "norm_residual_backward")),
+        Case("layer_norm_residual adaLN", "B2 L3 N 4100 (wide rows)",
+             lambda: dict(x=_randn(2, 3, 4100), r=_randn(2, 3, 4100), shift=_randn(2, 4100), scale=_randn(2, 4100)),
+             lambda x, r, shift, scale: (mmkern.layer_norm_residual(x, r, modulation=(shift, scale)),),
+             cast=("x", "r", "shift", "scale"), grad=("x", "r", "shift", "scale"),
+             torch_impl=lambda x, r, shift, scale: (F.layer_norm(x + r, (4100,)) * (1 + scale[:, None]) +
+                                                    shift[:, None],),
+             ops=("norm_residual_forward", "norm_residual_backward")),
         Case("diffusion.add_noise", "B4 3x5x5",
              lambda: dict(x0=_randn(4, 3, 5, 5), noise=_randn(4, 3, 5, 5)),
              lambda x0, noise: (mmkern.diffusion.add_noise(x0, noise, torch.tensor([0, 1, 500, 999]), ac),),
