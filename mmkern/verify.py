@@ -129,6 +129,9 @@ def _cu(lengths):
     return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
 
 
+_sigmas = torch.cat([torch.linspace(14.6, 0.03, 10), torch.zeros(1)])      # an Euler schedule (N = 10 steps)
+
+
 def _linear_alphas_cumprod(T=1000):
     return torch.cumprod(1 - torch.linspace(1e-4, 0.02, T, dtype=torch.float64), 0).float()
 
@@ -192,6 +195,32 @@ def cases() -> list[Case]:
              lambda: dict(x0=_randn(4, 3, 5, 5), noise=_randn(4, 3, 5, 5)),
              lambda x0, noise: (mmkern.diffusion.get_velocity(x0, noise, torch.tensor([0, 1, 500, 999]), ac),),
              cast=("x0", "noise"), ops=("get_velocity",)),
+        Case("diffusion.diffusion_loss v min-snr", "B4 3x5x5",
+             lambda: dict(mo=_randn(4, 3, 5, 5), x0=_randn(4, 3, 5, 5), noise=_randn(4, 3, 5, 5)),
+             lambda mo, x0, noise: (mmkern.diffusion.diffusion_loss(mo, x0, noise, torch.tensor([0, 1, 500, 999]),
+                                                                    ac, "v_prediction", 5.0),),
+             cast=("mo", "x0", "noise"), grad=("mo",), ops=("diffusion_loss", "diffusion_loss_backward")),
+        Case("diffusion.ddpm_step learned_range threshold", "B3 (2+2)x4x5",
+             lambda: dict(mo=_randn(3, 4, 4, 5), sample=_randn(3, 2, 4, 5), noise=_randn(3, 2, 4, 5)),
+             lambda mo, sample, noise: mmkern.diffusion.ddpm_step(
+                 torch.cat([mo[:, :2], torch.tanh(mo[:, 2:])], 1), torch.tensor([1, 300, 999]), sample, ac,
+                 noise=noise, variance_type="learned_range", thresholding=True, dynamic_thresholding_ratio=0.9,
+                 sample_max_value=2.0),
+             cast=("mo", "sample", "noise"), ops=("ddpm_step",)),
+        Case("diffusion.ddim_step eta=0.5 v clip", "B3 2x4x5",
+             lambda: dict(mo=_randn(3, 2, 4, 5), sample=_randn(3, 2, 4, 5), noise=_randn(3, 2, 4, 5)),
+             lambda mo, sample, noise: mmkern.diffusion.ddim_step(
+                 mo, torch.tensor([19, 520, 999]), sample, ac, torch.tensor([-1, 500, 979]), eta=0.5, noise=noise,
+                 prediction_type="v_prediction", clip_sample=True),
+             cast=("mo", "sample", "noise"), ops=("ddim_step",)),
+        Case("diffusion.euler_step churn", "B3 2x4x5",
+             lambda: dict(mo=_randn(3, 2, 4, 5), sample=_randn(3, 2, 4, 5), noise=_randn(3, 2, 4, 5)),
+             lambda mo, sample, noise: mmkern.diffusion.euler_step(
+                 mo, torch.tensor([0, 4, 9]), sample, _sigmas, noise=noise, s_churn=2.0, s_tmax=10.0),
+             cast=("mo", "sample", "noise"), ops=("euler_step",)),
+        Case("diffusion.euler_scale_model_input", "B3 2x4x5", lambda: dict(sample=_randn(3, 2, 4, 5)),
+             lambda sample: (mmkern.diffusion.euler_scale_model_input(sample, torch.tensor([0, 4, 9]), _sigmas),),
+             cast=("sample",), ops=("euler_scale_model_input",)),
     ]
 
 

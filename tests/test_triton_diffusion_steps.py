@@ -7,11 +7,22 @@ import torch
 
 import mmkern
 from mmkern.verify import Case
-from conftest import assert_backend_matches_oracle, max_abs_err, randn
+from mmkern import verify
+from conftest import DTYPES, max_abs_err, randn
 
 D = mmkern.diffusion
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 T = 1000
+
+
+def assert_backend_matches_oracle(backend, case, dtypes=DTYPES):
+    """conftest's criterion, plus: the yardstick (eager math in dtype d) must itself be finite, else
+    the tolerance would be inf and the check vacuous."""
+    for dtype in dtypes:
+        for row in verify.measure(case, backend, dtype):
+            assert math.isfinite(row.tolerance), f"{row.op} [{row.dtype}]: the eager baseline is not finite"
+            assert row.passed, f"{row.op} [{backend}, {row.dtype}, {row.shape}]: error {row.error:.3e} > " \
+                               f"tolerance {row.tolerance:.3e}"
 
 
 def _ac(schedule="linear", table=torch.float32, **kw):
@@ -103,7 +114,10 @@ CLIP = {"none": {}, "clip": dict(clip_sample=True, clip_sample_range=1.5),
 @pytest.mark.parametrize("table", [torch.float32, torch.float64])
 def test_ddpm_step_matches_oracle(prediction_type, variance_type, clip, table):
     ac = _ac(table=table)
-    t, prev = _t([0, 1, 500, 999]), _t([-1, 0, 400, 900])
+    # Far from t = 0 and with strides of 100 (a 10-step schedule): in bfloat16 a_t rounds to 1 up to t ~ 20 and
+    # neighbouring a_t are equal, so the eager baseline would divide by 0 (what mmkern does there instead:
+    # test_ddpm_step_near_t0_in_half_precision and the float32 whole-loop tests against diffusers)
+    t, prev = _t([150, 300, 600, 999]), _t([50, 200, 500, 899])
     shape = (4, 3, 5, 7)
     learned = variance_type.startswith("learned")
 
@@ -121,7 +135,7 @@ def test_ddpm_step_matches_oracle(prediction_type, variance_type, clip, table):
                                               (1.0, "threshold", True)])
 def test_ddim_step_matches_oracle(prediction_type, eta, clip, clipped):
     ac = _ac("scaled_linear", beta_start=0.00085, beta_end=0.012)
-    t, prev = _t([1, 20, 520, 999]), _t([-19, 0, 500, 979])
+    t, prev = _t([41, 60, 520, 999]), _t([-1, 40, 500, 979])      # (bfloat16 rounds a_t to 1 below t ~ 40)
 
     def run(mo, s, n):
         return D.ddim_step(mo, t, s, ac, prev, final_alpha_cumprod=ac[0].item(), eta=eta, noise=n,
@@ -179,3 +193,28 @@ def test_ddpm_adds_no_noise_at_t0_and_steps_are_new_tensors():
 def test_gamma_matches_diffusers_formula():
     from mmkern.diffusion.sampling import churn_gamma
     assert churn_gamma(0.0, 11) == 0.0 and churn_gamma(1.0, 11) == 0.1 and churn_gamma(100.0, 11) == math.sqrt(2) - 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("variance_type", ["fixed_small", "learned_range"])
+def test_ddpm_step_near_t0_in_half_precision(dtype, variance_type):
+    """Near t = 0 a_t rounds to 1 in half precision, so eager half-precision math (diffusers' casts)
+    gives inf/NaN; the kernel's fp32 coefficients do not. Criterion: within 2x the error of the float64
+    result on the rounded inputs, rounded to dtype (the best a dtype-d result can be) + 1 ulp."""
+    ac = _ac()
+    t, prev = _t([0, 1, 7, 15]), _t([-1, 0, 6, 14])
+    mo, s, n = _randn(4, 2, 3, 5), _randn(4, 2, 3, 5), _randn(4, 2, 3, 5)
+    if variance_type == "learned_range":
+        mo = torch.cat([mo, torch.tanh(mo)], 1)
+
+    def step(mo, s, n):
+        return D.ddpm_step(mo, t, s, ac, prev_timesteps=prev, noise=n, variance_type=variance_type)
+    with mmkern.backend("reference"):
+        oracle = step(mo, s, n)
+        best = [o.to(dtype) for o in step(*(x.to(dtype).double() for x in (mo, s, n)))]
+    with mmkern.backend("triton"):
+        got = step(*(x.to(dtype) for x in (mo, s, n)))
+    for g, b, o in zip(got, best, oracle):
+        assert torch.isfinite(g).all()
+        tolerance = 2 * max_abs_err(b, o) + torch.finfo(dtype).eps * o.abs().max().item()
+        assert max_abs_err(g, o) <= tolerance
