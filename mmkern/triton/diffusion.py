@@ -23,11 +23,12 @@ NUM_WARPS = 4
 
 @triton.jit
 def _noise_mix_kernel(x_ptr, noise_ptr, out_ptr, timesteps_ptr, alphas_cumprod_ptr, numel, per_sample,
-                      timestep_stride, VELOCITY: tl.constexpr, BLOCK: tl.constexpr):
+                      timestep_stride, T, VELOCITY: tl.constexpr, BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_bounds = offsets < numel
     sample = offsets // per_sample
     t = tl.load(timesteps_ptr + sample * timestep_stride, mask=in_bounds, other=0)
+    t = tl.minimum(tl.maximum(t, 0), T - 1)      # GPU timesteps are not range-checked on the host (no sync)
     a = tl.load(alphas_cumprod_ptr + t, mask=in_bounds, other=1.0).to(tl.float32)
     sqrt_a = tl.sqrt(a)
     sqrt_one_minus_a = tl.sqrt(1.0 - a)
@@ -54,7 +55,7 @@ def _noise_mix(x, noise, timesteps, alphas_cumprod, velocity: bool):
     per_sample = numel // x.shape[0] if timesteps.dim() == 1 else numel
     grid = (triton.cdiv(numel, BLOCK),)
     _noise_mix_kernel[grid](x, noise, out, timesteps, alphas_cumprod.contiguous(), numel, per_sample,
-                            1 if timesteps.dim() == 1 else 0, VELOCITY=velocity, BLOCK=BLOCK,
+                            1 if timesteps.dim() == 1 else 0, alphas_cumprod.shape[0], VELOCITY=velocity, BLOCK=BLOCK,
                             num_warps=NUM_WARPS)
     return out
 
@@ -75,5 +76,5 @@ def aot_configs():
                 for velocity in (False, True):
                     signature = {"x_ptr": dtype, "noise_ptr": dtype, "out_ptr": dtype, "timesteps_ptr": t_type,
                                  "alphas_cumprod_ptr": a_type, "numel": "i64", "per_sample": "i64",
-                                 "timestep_stride": "i32"}
+                                 "timestep_stride": "i32", "T": "i32"}
                     yield _noise_mix_kernel, signature, dict(VELOCITY=velocity, BLOCK=BLOCK), NUM_WARPS, 1
