@@ -4,6 +4,7 @@
     out = mmkern.flash_attn_func(q, k, v, causal=True)              # (batch, seqlen, heads, head_dim)
     out = mmkern.scaled_dot_product_attention(q, k, v, is_causal=True)   # torch's layout and semantics
     out, residual = mmkern.layer_norm_residual(x, residual, w, b, prenorm=True)
+    norm = mmkern.nn.LayerNormResidual(768, prenorm=True)                # loads a torch.nn.LayerNorm state_dict
     x_t = mmkern.diffusion.add_noise(x0, noise, t, alphas_cumprod)
 
 Every function runs through torch ops (torch.ops.mmkern.*) that pick a backend per call;
