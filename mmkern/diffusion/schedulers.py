@@ -15,8 +15,9 @@ What differs from diffusers, on purpose:
     generator advances once more at the last step than diffusers' does; with CPU timesteps the
     draws are exactly diffusers'. Euler finds its first step index as diffusers does (one search,
     unless set_begin_index was called), then counts on the host.
-  - Coefficients in float32 from mmkern's float64 alphas_cumprod (diffusers: float32 tables, and
-    for half-precision samples a_t cast to the sample dtype before the square root).
+  - Coefficients in float32 whatever the sample dtype, from diffusers' own float32 alphas_cumprod
+    (the table the model was trained with); diffusers casts a_t to the sample dtype before the square
+    root, which rounds a_t to 1 near t = 0 in float16/bfloat16 (1 - a_t = 0: inf/NaN x0).
   - step also accepts a (B,) tensor of timesteps: one per sample.
   - DDPM "fixed_large_log" gives sqrt(beta_t) noise (diffusers: (log beta_t) ** 0.5 = NaN).
   - EulerDiscreteScheduler.add_noise is diffusers' own (not fused).
@@ -32,7 +33,6 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from mmkern.diffusion import add_noise as _add_noise, get_velocity as _get_velocity
 from mmkern.diffusion.sampling import (ddim_step, ddpm_step, euler_scale_model_input, euler_step)
-from mmkern.diffusion.schedules import NoiseSchedule
 
 
 def _on(cache: dict, key: str, device: torch.device, make):
@@ -66,12 +66,11 @@ class _AlphaTables:
         return self.__dict__["_mm_tables"]
 
     def _mm_alphas_cumprod(self, device) -> torch.Tensor:
-        c = self.config
-
-        def make():
-            return NoiseSchedule(c.num_train_timesteps, c.beta_start, c.beta_end, c.beta_schedule, c.trained_betas,
-                                 c.rescale_betas_zero_snr).alphas_cumprod
-        return _on(self._mm_cache(), "alphas_cumprod", device, make)
+        """diffusers' own alphas_cumprod (float32): the numbers the model was trained against. (mmkern's
+        float64 NoiseSchedule differs from it by float32 cumprod drift, up to ~1e-3 relative where a_t is
+        tiny, e.g. the end of the cosine schedule; the drop-in keeps diffusers' numbers.)"""
+        return _on(self._mm_cache(), "alphas_cumprod", device,
+                   lambda: self.alphas_cumprod.detach().to("cpu", torch.float32).clone())
 
     def _mm_set_prev_table(self, prev: torch.Tensor) -> None:
         cache = self._mm_cache()
@@ -109,11 +108,18 @@ class DDPMScheduler(_AlphaTables, diffusers.DDPMScheduler):
             prev = torch.full((T,), -1, dtype=torch.int64)
             prev[steps[:-1]] = steps[1:]
         self._mm_set_prev_table(prev)
+        self._mm_to_device(self.timesteps.device)
+
+    def _mm_to_device(self, device) -> None:
+        """Copy the tables to the sampling device here, in set_timesteps, not in the first step."""
+        if device.type != "cpu":
+            self._mm_alphas_cumprod(device), self._mm_prev_table(device)
 
     def _mm_prev(self, t: torch.Tensor) -> torch.Tensor:
         if "prev_cpu" not in self._mm_cache():
             self._mm_set_prev_table(torch.arange(-1, self.config.num_train_timesteps - 1, dtype=torch.int64))
-        return self._mm_prev_table(t.device)[t]
+        # index_select, not table[t]: indexing with a 0-d tensor would read it on the host
+        return torch.index_select(self._mm_prev_table(t.device), 0, t.reshape(-1)).reshape(t.shape)
 
     def step(self, model_output, timestep, sample, generator=None, return_dict=True):
         t = _timestep_tensor(timestep, sample.device)
@@ -132,6 +138,11 @@ class DDPMScheduler(_AlphaTables, diffusers.DDPMScheduler):
 class DDIMScheduler(_AlphaTables, diffusers.DDIMScheduler):
     """diffusers.DDIMScheduler with a fused, per-sample, sync-free step (see the module docstring)."""
 
+    def set_timesteps(self, *args, **kwargs):
+        super().set_timesteps(*args, **kwargs)
+        if self.timesteps.device.type != "cpu":       # the table goes to the device here, not in the first step
+            self._mm_alphas_cumprod(self.timesteps.device)
+
     def step(self, model_output, timestep, sample, eta=0.0, use_clipped_model_output=False, generator=None,
              variance_noise=None, return_dict=True):
         if self.num_inference_steps is None:
@@ -147,7 +158,7 @@ class DDIMScheduler(_AlphaTables, diffusers.DDIMScheduler):
             noise = variance_noise if variance_noise is not None else randn_tensor(
                 model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
         ac = self._mm_alphas_cumprod(sample.device)
-        final = 1.0 if self.config.set_alpha_to_one else float(self._mm_alphas_cumprod(torch.device("cpu"))[0])
+        final = float(self.final_alpha_cumprod)          # a CPU tensor in diffusers: no device sync
         prev_sample, x0 = ddim_step(model_output, t, sample, ac, prev_t, final_alpha_cumprod=final, eta=eta,
                                     noise=noise, use_clipped_model_output=use_clipped_model_output,
                                     **self._mm_clip_kwargs())
@@ -170,6 +181,11 @@ class EulerDiscreteScheduler(diffusers.EulerDiscreteScheduler):
     def set_timesteps(self, *args, **kwargs):
         super().set_timesteps(*args, **kwargs)
         self.__dict__["_mm_tables"] = {}
+        device = self.timesteps.device
+        if device.type != "cpu":                      # copy the tables here, not in the first step
+            self._mm_sigmas(device)
+            _on(self._mm_cache(), "indices", device, lambda: torch.arange(len(self.sigmas)))
+            _on(self._mm_cache(), "timesteps", device, lambda: self.timesteps.cpu())
 
     def _mm_sigmas(self, device):
         return _on(self._mm_cache(), "sigmas", device, lambda: self.sigmas.to(torch.float32))
