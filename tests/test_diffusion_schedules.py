@@ -52,3 +52,23 @@ def test_formulas_by_hand():
 def test_bad_schedule():
     with pytest.raises(ValueError, match="beta_schedule must be one of linear, scaled_linear"):
         schedules.make_betas(beta_schedule="quadratic")
+
+
+def test_mmkern_works_without_diffusers():
+    """diffusers is optional: without it the tables and functional ops work and the drop-ins say what to install."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['diffusers'] = None\n"
+            "import torch, mmkern\n"
+            "s = mmkern.diffusion.NoiseSchedule(beta_schedule='scaled_linear', beta_start=0.00085, beta_end=0.012)\n"
+            "x = torch.randn(2, 3, dtype=torch.float64)\n"
+            "with mmkern.backend('reference'):\n"
+            "    mmkern.diffusion.add_noise(x, x, torch.tensor([0, 999]), s.alphas_cumprod)\n"
+            "    mmkern.diffusion.ddim_step(x, 999, x, s.alphas_cumprod, 979)\n"
+            "try:\n"
+            "    mmkern.diffusion.DDIMScheduler\n"
+            "except ImportError as e:\n"
+            "    assert 'pip install diffusers' in str(e), e\n"
+            "    print('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.stdout.strip() == "ok", proc.stderr[-3000:]
