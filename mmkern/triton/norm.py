@@ -16,11 +16,12 @@ rounded pre) and writes out. Dropout is a counter-based Philox draw, `tl.rand(se
 so the backward regenerates the forward's mask from (seed, index) instead of storing it.
 
 Backward: a grid of programs, each owning a run of consecutive rows inside one sample. Per row:
-    dy    = dout * (1 + scale)     dxhat = dy * weight
+    dxhat = dout * weight * (1 + scale)
     dpre  = rstd * (dxhat - mean(dxhat) * [LayerNorm] - xhat * mean(dxhat * xhat)) + dpre_in
     d_residual = dpre;   dx = dpre * keep / (1 - p)
-and per program float32 partial sums of dweight (dy * xhat), dbias (dy), dshift (dout) and dscale
-(dout * y), one (N,) row per program; the launcher sums those rows in a fixed order (torch .sum,
+and per program two float32 sums over its rows, sum(dout * xhat) and sum(dout), from which (its
+rows sharing one sample's scale) it writes one (N,) partial row of each reduced gradient:
+dweight, dbias, dshift, dscale. The launcher sums those rows in a fixed order (torch .sum,
 deterministic, no atomics), per sample for dshift/dscale. mean and rstd are recomputed from the
 stored pre (as the reference does), not taken from the forward. Narrow rows take one pass (read pre,
 dout once; write dx, d_residual once); WIDE rows take a pass for the row statistics (mean, rstd and
@@ -170,16 +171,14 @@ def _norm_forward_kernel(x_ptr, residual_ptr, weight_ptr, bias_ptr, shift_ptr, s
 
 
 @triton.jit
-def _dy_dxhat(dout_row, cols, in_row, modulation, weight, has_scale, has_weight):
-    """(dout, dy, dxhat) of one row on one column block, float32: dy = dout * (1 + scale), dxhat = dy * weight."""
-    dout = tl.load(dout_row + cols, mask=in_row, other=0.0).to(tl.float32)
-    dy = dout
-    if has_scale:
-        dy = dout * (1.0 + modulation)
-    dxhat = dy
+def _grad_scale(weight_ptr, scale_ptr, modulation_row, cols, in_row, has_weight, has_scale):
+    """weight * (1 + scale[sample]) on one column block, float32: dxhat = dout * that."""
+    w = tl.where(in_row, 1.0, 0.0)
     if has_weight:
-        dxhat = dy * weight
-    return dout, dy, dxhat
+        w = w * tl.load(weight_ptr + cols, mask=in_row, other=0.0)
+    if has_scale:
+        w = w * (1.0 + tl.load(scale_ptr + modulation_row + cols, mask=in_row, other=0.0))
+    return w
 
 
 @triton.jit
@@ -195,6 +194,32 @@ def _input_grads(dxhat, xhat, rstd, projection, mean_dxhat, row, N, cols, in_row
     if has_dropout:
         dpre = tl.where(_keep(seed, row * N + cols, dropout_p), dpre * dropout_scale, 0.0)
     tl.store(dx_ptr + row * N + cols, dpre.to(dx_ptr.dtype.element_ty), mask=in_row)
+
+
+@triton.jit
+def _store_partials(sum_dout_xhat, sum_dout, part_row, cols, in_row, weight_ptr, bias_ptr, scale_ptr, modulation_row,
+                    dweight_part_ptr, dbias_part_ptr, dshift_part_ptr, dscale_part_ptr,
+                    has_weight, has_bias, has_shift, has_scale):
+    """This program's partial sums of the four reduced gradients on one column block. Its rows lie in
+    one sample, so (1 + scale) is a constant factor and two sums give all four:
+        dweight = (1 + scale) * sum(dout * xhat)    dbias = (1 + scale) * sum(dout)
+        dshift  = sum(dout)                         dscale = weight * sum(dout * xhat) + bias * sum(dout)"""
+    factor = tl.where(in_row, 1.0, 0.0)
+    if has_scale:
+        factor = 1.0 + tl.load(scale_ptr + modulation_row + cols, mask=in_row, other=0.0)
+    if has_weight:
+        tl.store(dweight_part_ptr + part_row + cols, factor * sum_dout_xhat, mask=in_row)
+    if has_bias:
+        tl.store(dbias_part_ptr + part_row + cols, factor * sum_dout, mask=in_row)
+    if has_shift:
+        tl.store(dshift_part_ptr + part_row + cols, sum_dout, mask=in_row)
+    if has_scale:
+        dscale = sum_dout_xhat
+        if has_weight:
+            dscale = dscale * tl.load(weight_ptr + cols, mask=in_row, other=0.0)
+        if has_bias:
+            dscale += sum_dout * tl.load(bias_ptr + cols, mask=in_row, other=0.0)
+        tl.store(dscale_part_ptr + part_row + cols, dscale, mask=in_row)
 
 
 @triton.jit(do_not_specialize=["seed", *_BACKWARD_FLAGS])
@@ -229,11 +254,9 @@ def _norm_backward_kernel(dout_ptr, dpre_ptr, pre_ptr, weight_ptr, bias_ptr, sca
             for start in range(0, N, BLOCK_N):
                 c = start + cols
                 in_row = c < N
-                modulation = tl.load(scale_ptr + modulation_row + c, mask=in_row & (has_scale != 0), other=0.0)
-                weight = tl.load(weight_ptr + c, mask=in_row & (has_weight != 0), other=0.0)
                 pre = tl.load(pre_ptr + row * N + c, mask=in_row, other=0.0).to(tl.float32)
-                dout, dy, dxhat = _dy_dxhat(dout_ptr + row * dout_row_stride, c, in_row, modulation, weight,
-                                            has_scale, has_weight)
+                dout = tl.load(dout_ptr + row * dout_row_stride + c, mask=in_row, other=0.0).to(tl.float32)
+                dxhat = dout * _grad_scale(weight_ptr, scale_ptr, modulation_row, c, in_row, has_weight, has_scale)
                 block_count = tl.minimum(N - start, BLOCK_N).to(tl.float32)
                 block_mean = tl.sum(pre, axis=0) / block_count
                 block_mean_dxhat = tl.sum(dxhat, axis=0) / block_count
@@ -264,12 +287,9 @@ def _norm_backward_kernel(dout_ptr, dpre_ptr, pre_ptr, weight_ptr, bias_ptr, sca
         for start in range(0, N, BLOCK_N):
             c = start + cols
             in_row = c < N
-            modulation = tl.load(scale_ptr + modulation_row + c, mask=in_row & (has_scale != 0), other=0.0)
-            weight = tl.load(weight_ptr + c, mask=in_row & (has_weight != 0), other=0.0)
-            dweight_acc = tl.zeros([BLOCK_N], tl.float32)
-            dbias_acc = tl.zeros([BLOCK_N], tl.float32)
-            dshift_acc = tl.zeros([BLOCK_N], tl.float32)
-            dscale_acc = tl.zeros([BLOCK_N], tl.float32)
+            grad_scale = _grad_scale(weight_ptr, scale_ptr, modulation_row, c, in_row, has_weight, has_scale)
+            sum_dout_xhat = tl.zeros([BLOCK_N], tl.float32)
+            sum_dout = tl.zeros([BLOCK_N], tl.float32)
             for row in range(first_row, end_row):
                 mean = tl.load(row_stats_ptr + 4 * row)
                 rstd = tl.load(row_stats_ptr + 4 * row + 1)
@@ -277,58 +297,38 @@ def _norm_backward_kernel(dout_ptr, dpre_ptr, pre_ptr, weight_ptr, bias_ptr, sca
                 mean_dxhat = tl.load(row_stats_ptr + 4 * row + 3)
                 pre = tl.load(pre_ptr + row * N + c, mask=in_row, other=0.0).to(tl.float32)
                 xhat = tl.where(in_row, (pre - mean) * rstd, 0.0)
-                dout, dy, dxhat = _dy_dxhat(dout_ptr + row * dout_row_stride, c, in_row, modulation, weight,
-                                            has_scale, has_weight)
-                _input_grads(dxhat, xhat, rstd, projection, mean_dxhat, row, N, c, in_row,
+                dout = tl.load(dout_ptr + row * dout_row_stride + c, mask=in_row, other=0.0).to(tl.float32)
+                _input_grads(dout * grad_scale, xhat, rstd, projection, mean_dxhat, row, N, c, in_row,
                              dpre_ptr + row * dpre_row_stride, dx_ptr, dresidual_ptr, seed, dropout_p, dropout_scale,
                              has_dpre, has_residual, has_dropout)
-                dweight_acc += dy * xhat
-                dbias_acc += dy
-                dshift_acc += dout
-                if has_scale:
-                    dscale_acc += dout * _affine(xhat, c, in_row, weight_ptr, bias_ptr, has_weight, has_bias)
-            if has_weight:
-                tl.store(dweight_part_ptr + part_row + c, dweight_acc, mask=in_row)
-            if has_bias:
-                tl.store(dbias_part_ptr + part_row + c, dbias_acc, mask=in_row)
-            if has_shift:
-                tl.store(dshift_part_ptr + part_row + c, dshift_acc, mask=in_row)
-            if has_scale:
-                tl.store(dscale_part_ptr + part_row + c, dscale_acc, mask=in_row)
+                sum_dout_xhat += dout * xhat
+                sum_dout += dout
+            _store_partials(sum_dout_xhat, sum_dout, part_row, c, in_row, weight_ptr, bias_ptr, scale_ptr,
+                            modulation_row, dweight_part_ptr, dbias_part_ptr, dshift_part_ptr, dscale_part_ptr,
+                            has_weight, has_bias, has_shift, has_scale)
     else:
         in_row = cols < N
-        modulation = tl.load(scale_ptr + modulation_row + cols, mask=in_row & (has_scale != 0), other=0.0)
-        weight = tl.load(weight_ptr + cols, mask=in_row & (has_weight != 0), other=0.0)
-        dweight_acc = tl.zeros([BLOCK_N], tl.float32)
-        dbias_acc = tl.zeros([BLOCK_N], tl.float32)
-        dshift_acc = tl.zeros([BLOCK_N], tl.float32)
-        dscale_acc = tl.zeros([BLOCK_N], tl.float32)
+        grad_scale = _grad_scale(weight_ptr, scale_ptr, modulation_row, cols, in_row, has_weight, has_scale)
+        sum_dout_xhat = tl.zeros([BLOCK_N], tl.float32)
+        sum_dout = tl.zeros([BLOCK_N], tl.float32)
         for row in range(first_row, end_row):
             pre = tl.load(pre_ptr + row * N + cols, mask=in_row, other=0.0).to(tl.float32)
             mean = tl.sum(pre, axis=0) / N * centre
             centered = tl.where(in_row, pre - mean, 0.0)
             rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / N + eps)
             xhat = centered * rstd
-            dout, dy, dxhat = _dy_dxhat(dout_ptr + row * dout_row_stride, cols, in_row, modulation, weight,
-                                        has_scale, has_weight)
+            dout = tl.load(dout_ptr + row * dout_row_stride + cols, mask=in_row, other=0.0).to(tl.float32)
+            dxhat = dout * grad_scale
             projection = tl.sum(dxhat * xhat, axis=0) / N
             mean_dxhat = tl.sum(dxhat, axis=0) / N * centre
             _input_grads(dxhat, xhat, rstd, projection, mean_dxhat, row, N, cols, in_row,
                          dpre_ptr + row * dpre_row_stride, dx_ptr, dresidual_ptr, seed, dropout_p, dropout_scale,
                          has_dpre, has_residual, has_dropout)
-            dweight_acc += dy * xhat
-            dbias_acc += dy
-            dshift_acc += dout
-            if has_scale:
-                dscale_acc += dout * _affine(xhat, cols, in_row, weight_ptr, bias_ptr, has_weight, has_bias)
-        if has_weight:
-            tl.store(dweight_part_ptr + part_row + cols, dweight_acc, mask=in_row)
-        if has_bias:
-            tl.store(dbias_part_ptr + part_row + cols, dbias_acc, mask=in_row)
-        if has_shift:
-            tl.store(dshift_part_ptr + part_row + cols, dshift_acc, mask=in_row)
-        if has_scale:
-            tl.store(dscale_part_ptr + part_row + cols, dscale_acc, mask=in_row)
+            sum_dout_xhat += dout * xhat
+            sum_dout += dout
+        _store_partials(sum_dout_xhat, sum_dout, part_row, cols, in_row, weight_ptr, bias_ptr, scale_ptr,
+                        modulation_row, dweight_part_ptr, dbias_part_ptr, dshift_part_ptr, dscale_part_ptr,
+                        has_weight, has_bias, has_shift, has_scale)
 
 
 @triton.jit(do_not_specialize=["seed"])
