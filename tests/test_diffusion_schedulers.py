@@ -169,9 +169,10 @@ def test_per_sample_timesteps_equal_single_calls(name):
     for b in range(2):
         single, _ = _pair(name, dict(clip_sample=False) if name != "EulerDiscreteScheduler" else {})
         one = single.step(mo[b:b + 1], t[b], sample[b:b + 1], **kwargs)
-        if name == "DDPMScheduler":   # the noise differs (drawn for the batch): compare the means
-            continue
-        torch.testing.assert_close(batched.prev_sample[b:b + 1], one.prev_sample, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(batched.pred_original_sample[b:b + 1], one.pred_original_sample, rtol=1e-6,
+                                   atol=1e-6)
+        if name != "DDPMScheduler":   # DDPM's noise is drawn for the whole batch: only x0 can be compared
+            torch.testing.assert_close(batched.prev_sample[b:b + 1], one.prev_sample, rtol=1e-6, atol=1e-6)
 
 
 def test_from_pipeline_config_swap():
@@ -180,3 +181,34 @@ def test_from_pipeline_config_swap():
     swapped = mmkern.diffusion.EulerDiscreteScheduler.from_config(original.config)
     assert isinstance(swapped, diffusers.EulerDiscreteScheduler)
     assert swapped.config.beta_schedule == "scaled_linear"
+
+
+def test_ddpm_custom_timesteps_loop_matches_diffusers():
+    theirs = diffusers.DDPMScheduler(clip_sample=False)
+    ours = mmkern.diffusion.DDPMScheduler.from_config(theirs.config)
+    for s in (theirs, ours):
+        s.set_timesteps(timesteps=[999, 800, 650, 300, 120, 7, 0])
+    latents = torch.randn(SHAPE)
+    assert_same_trace(run_loop(ours, latents, 2), run_loop(theirs, latents, 2))
+
+
+@pytest.mark.parametrize("sigmas", ["karras", "log_linear", "sigma_min_final"])
+def test_euler_sigma_options_loop_matches_diffusers(sigmas):
+    config = {"karras": dict(use_karras_sigmas=True), "log_linear": dict(interpolation_type="log_linear"),
+              "sigma_min_final": dict(final_sigmas_type="sigma_min")}[sigmas]
+    ours, theirs = _pair("EulerDiscreteScheduler", dict(beta_schedule="scaled_linear", beta_start=0.00085,
+                                                        beta_end=0.012, **config))
+    latents = torch.randn(SHAPE) * ours.init_noise_sigma
+    kwargs = dict(s_churn=1.0)
+    assert_same_trace(run_loop(ours, latents, 4, kwargs, euler=True), run_loop(theirs, latents, 4, kwargs, euler=True))
+
+
+@pytest.mark.parametrize("name", ["DDIMScheduler", "EulerDiscreteScheduler"])
+def test_half_model_output_with_float32_latents(name):
+    """Pipelines may step float32 latents with a float16 model output: same results as diffusers' promotion."""
+    ours, theirs = _pair(name, {})
+    sample, mo = torch.randn(SHAPE), torch.randn(SHAPE).half()
+    t = ours.timesteps[2]
+    a, b = ours.step(mo, t, sample), theirs.step(mo, t, sample)
+    assert a.prev_sample.dtype == b.prev_sample.dtype
+    torch.testing.assert_close(a.prev_sample.float(), b.prev_sample.float(), rtol=2e-3, atol=2e-3)

@@ -122,6 +122,7 @@ class DDPMScheduler(_AlphaTables, diffusers.DDPMScheduler):
         return torch.index_select(self._mm_prev_table(t.device), 0, t.reshape(-1)).reshape(t.shape)
 
     def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+        model_output = model_output.to(sample.dtype)        # (the kernels take one dtype; diffusers promotes)
         t = _timestep_tensor(timestep, sample.device)
         draw = _host_any_positive(timestep)
         noise = None
@@ -148,6 +149,7 @@ class DDIMScheduler(_AlphaTables, diffusers.DDIMScheduler):
         if self.num_inference_steps is None:
             raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating "
                              "the scheduler")
+        model_output = model_output.to(sample.dtype)        # (the kernels take one dtype; diffusers promotes)
         t = _timestep_tensor(timestep, sample.device)
         prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
         noise = None
@@ -222,9 +224,14 @@ class EulerDiscreteScheduler(diffusers.EulerDiscreteScheduler):
             churn = gamma_max > 0 and bool(s_tmin <= sigma <= s_tmax)
         noise = randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device,
                              generator=generator) if churn else None
-        prev_sample, x0 = euler_step(model_output, index, sample, self._mm_sigmas(sample.device), noise=noise,
+        # diffusers computes in float32 and returns prev_sample in model_output's dtype
+        out_dtype = model_output.dtype
+        compute = torch.promote_types(model_output.dtype, sample.dtype)
+        prev_sample, x0 = euler_step(model_output.to(compute), index, sample.to(compute),
+                                     self._mm_sigmas(sample.device), noise=None if noise is None else noise.to(compute),
                                      prediction_type=self.config.prediction_type, s_churn=s_churn, s_tmin=s_tmin,
                                      s_tmax=s_tmax, s_noise=s_noise)
+        prev_sample = prev_sample.to(out_dtype)
         if not per_sample:
             self._step_index += 1
         if not return_dict:
