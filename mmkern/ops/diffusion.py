@@ -16,6 +16,16 @@ from mmkern.reference.diffusion import schedule_coefficients
 INT_DTYPES = (torch.int32, torch.int64)
 
 
+class IndexDtypeError(TypeError, ValueError):
+    """A tensor of the wrong dtype where an integer index is needed (float timesteps): a TypeError, as
+    every dtype error of mmkern, and a ValueError, as the diffusion issue's bad-input list asks."""
+
+
+def check_index_tensor(fn: str, name: str, t) -> None:
+    if isinstance(t, torch.Tensor) and t.dtype not in INT_DTYPES:
+        raise IndexDtypeError(f"{fn}: {name} must have dtype int32, int64; got {t.dtype} (an index into the table)")
+
+
 def check_schedule_inputs(fn: str, samples_name: str, samples, noise, timesteps, alphas_cumprod) -> None:
     """Shape/dtype checks (no data reads: safe on fake tensors)."""
     check_tensor(fn, samples_name, samples, dtypes=FLOAT_DTYPES)
@@ -23,6 +33,7 @@ def check_schedule_inputs(fn: str, samples_name: str, samples, noise, timesteps,
     if noise.shape != samples.shape or noise.dtype != samples.dtype:
         raise ValueError(f"{fn}: noise must have the shape and dtype of {samples_name} "
                          f"({tuple(samples.shape)}, {samples.dtype}); got {tuple(noise.shape)}, {noise.dtype}")
+    check_index_tensor(fn, "timesteps", timesteps)
     check_tensor(fn, "timesteps", timesteps, dtypes=INT_DTYPES, ndim=(0, 1))
     if timesteps.dim() == 1 and (samples.dim() == 0 or timesteps.shape[0] != samples.shape[0]):
         raise ValueError(f"{fn}: timesteps must be 0-d or (batch,) with batch = {samples_name}.shape[0]; got "

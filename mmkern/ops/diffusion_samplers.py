@@ -20,7 +20,7 @@ from torch import Tensor
 
 from mmkern import dispatch
 from mmkern.ops._checks import FLOAT_DTYPES, check_same_device, check_tensor
-from mmkern.ops.diffusion import INT_DTYPES, check_index_values
+from mmkern.ops.diffusion import INT_DTYPES, check_index_tensor, check_index_values
 from mmkern.ops.diffusion_loss import check_prediction_type
 from mmkern.reference.diffusion_samplers import VARIANCE_TYPES, euler_x0_dtype
 
@@ -53,6 +53,7 @@ def check_step_inputs(fn, model_output, sample, indices: dict, table_name, table
             raise ValueError(f"{fn}: noise must have the shape and dtype of sample ({tuple(sample.shape)}, "
                              f"{sample.dtype}); got {tuple(noise.shape)}, {noise.dtype}")
     for name, t in indices.items():
+        check_index_tensor(fn, name, t)
         check_tensor(fn, name, t, dtypes=INT_DTYPES, ndim=(0, 1))
         if t.dim() == 1 and t.shape[0] != sample.shape[0]:
             raise ValueError(f"{fn}: {name} must be 0-d or (batch,) with batch = sample.shape[0] = "
