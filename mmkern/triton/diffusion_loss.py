@@ -125,7 +125,7 @@ def backward(grad, model_output, original_samples, noise, timesteps, alphas_cump
     d_mo = torch.empty(mo.shape, dtype=mo.dtype, device=mo.device)
     if numel:
         _loss_backward_kernel[(triton.cdiv(numel, BLOCK),)](
-            grad.contiguous(), mo, x0, noise, timesteps, ac, d_mo, numel, per_sample, t_stride, T, float(snr_gamma),
+            grad.to(torch.float32).contiguous(), mo, x0, noise, timesteps, ac, d_mo, numel, per_sample, t_stride, T, float(snr_gamma),
             2.0 / numel, PRED=PREDICTION[prediction_type], MIN_SNR=snr_gamma > 0, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return d_mo
 

@@ -169,6 +169,7 @@ def _alpha_step(kind, model_output, sample, timesteps, prev_timesteps, alphas_cu
     model_output, sample = model_output.contiguous(), sample.contiguous()
     noise = None if noise is None else noise.contiguous()
     alphas_cumprod = alphas_cumprod.contiguous()
+    prev_timesteps = prev_timesteps.to(timesteps.dtype)     # one pointer type for both (a no-op when they agree)
     out = torch.empty(sample.shape, dtype=sample.dtype, device=sample.device)
     x0 = torch.empty(sample.shape, dtype=sample.dtype, device=sample.device)
     numel, per_sample, t_stride = _layout(sample, timesteps)
@@ -244,10 +245,12 @@ def aot_configs():
                      "timestep_stride": "i32", "T": "i32", "alpha_prev_if_negative": "fp32", "eta": "fp32",
                      "clip_sample_range": "fp32", "variance_type": "i32", "clipped_eps": "i32"}
         for pred in (0, 1, 2):
-            yield _alpha_step_kernel, dict(alpha_sig, x0_ptr="*fp32"), \
+            # unused pointers get `sample` as a placeholder: its dtype (the threshold is fp32 when used)
+            yield _alpha_step_kernel, dict(alpha_sig, x0_ptr="*fp32", threshold_ptr=dtype), \
                 dict(KIND=X0_ONLY, PRED=pred, THRESHOLD=False, HAS_NOISE=False, BLOCK=BLOCK), NUM_WARPS, 1
             for kind, threshold, has_noise in itertools.product((DDPM, DDIM), (False, True), (False, True)):
-                yield _alpha_step_kernel, alpha_sig, dict(KIND=kind, PRED=pred, THRESHOLD=threshold,
+                signature = alpha_sig if threshold else dict(alpha_sig, threshold_ptr=dtype)
+                yield _alpha_step_kernel, signature, dict(KIND=kind, PRED=pred, THRESHOLD=threshold,
                                                           HAS_NOISE=has_noise, BLOCK=BLOCK), NUM_WARPS, 1
             x0_type = "*fp32" if dtype != "*fp32" else dtype
             for has_noise in (False, True):
