@@ -221,6 +221,9 @@ def cases() -> list[Case]:
         Case("diffusion.euler_scale_model_input", "B3 2x4x5", lambda: dict(sample=_randn(3, 2, 4, 5)),
              lambda sample: (mmkern.diffusion.euler_scale_model_input(sample, torch.tensor([0, 4, 9]), _sigmas),),
              cast=("sample",), ops=("euler_scale_model_input",)),
+        Case("diffusion.euler_add_noise", "B3 2x4x5", lambda: dict(x0=_randn(3, 2, 4, 5), noise=_randn(3, 2, 4, 5)),
+             lambda x0, noise: (mmkern.diffusion.euler_add_noise(x0, noise, torch.tensor([0, 4, 9]), _sigmas),),
+             cast=("x0", "noise"), ops=("euler_add_noise",)),
     ]
 
 

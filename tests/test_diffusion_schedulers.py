@@ -212,3 +212,17 @@ def test_half_model_output_with_float32_latents(name):
     a, b = ours.step(mo, t, sample), theirs.step(mo, t, sample)
     assert a.prev_sample.dtype == b.prev_sample.dtype
     torch.testing.assert_close(a.prev_sample.float(), b.prev_sample.float(), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("begin", [None, 0, 3])
+def test_euler_add_noise_matches_diffusers(begin):
+    ours, theirs = _pair("EulerDiscreteScheduler", dict(beta_schedule="scaled_linear", beta_start=0.00085,
+                                                        beta_end=0.012))
+    for s in (ours, theirs):
+        if begin is not None:
+            s.set_begin_index(begin)
+    x0, noise = torch.randn(SHAPE), torch.randn(SHAPE)
+    t = ours.timesteps[torch.tensor([0, 5])]
+    with mmkern.backend(BACKEND):
+        got = ours.add_noise(x0, noise, t)
+    torch.testing.assert_close(got, theirs.add_noise(x0, noise, t), rtol=1e-6, atol=1e-6)

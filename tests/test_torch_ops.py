@@ -103,6 +103,8 @@ def _diffusion_step_cases():
         "ddim": (ops.ddim_step, (mo, s, t, prev, ac, 1.0, 0.5, n, "sample", 1.0, 0.0, 1.0, True)),
         "euler": (ops.euler_step, (mo, s, torch.tensor([0, 2, 5]), sigmas, n, "epsilon", 0.2, 0.0, math.inf, 1.0)),
         "euler_scale": (ops.euler_scale_model_input, (s, torch.tensor(3), sigmas)),
+        "euler_add_noise": (ops.euler_add_noise, (randn(3, 2, 5, requires_grad=True),
+                                                  randn(3, 2, 5, requires_grad=True), torch.tensor([0, 2, 6]), sigmas)),
     }
 
 
@@ -152,6 +154,8 @@ def _public_calls():
                        (b.expand(3, 16).clone(), x, r, torch.tensor([0, 4, 8]), torch.linspace(9.0, 0.0, 10))),
         "euler_scale_model_input": (lambda s, i, sig: mmkern.diffusion.euler_scale_model_input(s, i, sig),
                                     (x, torch.tensor([0, 4, 9]), torch.linspace(9.0, 0.0, 10))),
+        "euler_add_noise": (lambda x, n, i, sig: mmkern.diffusion.euler_add_noise(x, n, i, sig),
+                            (x, r, torch.tensor([0, 4, 9]), torch.linspace(9.0, 0.0, 10))),
     }
 
 

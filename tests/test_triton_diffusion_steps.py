@@ -155,6 +155,9 @@ def test_euler_step_and_scale_match_oracle(prediction_type, churn):
     scale = Case("euler_scale_model_input", "(3, 4, 9)", lambda: dict(s=_randn(3, 4, 9)),
                  lambda s: (D.euler_scale_model_input(s, i, sigmas),), cast=("s",))
     assert_backend_matches_oracle("triton", scale)
+    noising = Case("euler_add_noise", "(3, 4, 9)", lambda: dict(x=_randn(3, 4, 9), n=_randn(3, 4, 9)),
+                   lambda x, n: (D.euler_add_noise(x, n, i, sigmas),), cast=("x", "n"))
+    assert_backend_matches_oracle("triton", noising)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

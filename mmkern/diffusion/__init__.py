@@ -20,8 +20,8 @@ from mmkern.diffusion.schedules import (BETA_SCHEDULES, NoiseSchedule, alphas_cu
                                         make_betas, rescale_zero_terminal_snr, sigmas_from_alphas_cumprod,
                                         snr_from_alphas_cumprod)
 from mmkern.diffusion.loss import diffusion_loss  # noqa: F401,E402
-from mmkern.diffusion.sampling import (ddim_step, ddpm_step, euler_scale_model_input,  # noqa: F401,E402
-                                       euler_step)
+from mmkern.diffusion.sampling import (ddim_step, ddpm_step, euler_add_noise,  # noqa: F401,E402
+                                       euler_scale_model_input, euler_step)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 

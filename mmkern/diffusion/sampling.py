@@ -96,3 +96,10 @@ def euler_scale_model_input(sample, step_index, sigmas):
     fn = "mmkern.diffusion.euler_scale_model_input"
     return ops.euler_scale_model_input(last_dim_contiguous(sample), _index(fn, "step_index", step_index, sample),
                                        sigmas)
+
+
+def euler_add_noise(original_samples, noise, step_index, sigmas):
+    """x + sigmas[i] * noise (per sample): the Euler scheduler's noising in sigma space."""
+    fn = "mmkern.diffusion.euler_add_noise"
+    return ops.euler_add_noise(last_dim_contiguous(original_samples), last_dim_contiguous(noise),
+                               _index(fn, "step_index", step_index, original_samples), sigmas)

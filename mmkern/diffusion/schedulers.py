@@ -20,7 +20,8 @@ What differs from diffusers, on purpose:
     root, which rounds a_t to 1 near t = 0 in float16/bfloat16 (1 - a_t = 0: inf/NaN x0).
   - step also accepts a (B,) tensor of timesteps: one per sample.
   - DDPM "fixed_large_log" gives sqrt(beta_t) noise (diffusers: (log beta_t) ** 0.5 = NaN).
-  - EulerDiscreteScheduler.add_noise is diffusers' own (not fused).
+  - EulerDiscreteScheduler.add_noise finds each timestep's step index on the device (diffusers: a host
+    search per timestep), then one fused kernel.
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedule
 from diffusers.utils.torch_utils import randn_tensor
 
 from mmkern.diffusion import add_noise as _add_noise, get_velocity as _get_velocity
-from mmkern.diffusion.sampling import (ddim_step, ddpm_step, euler_scale_model_input, euler_step)
+from mmkern.diffusion.sampling import (ddim_step, ddpm_step, euler_add_noise, euler_scale_model_input,
+                                       euler_step)
 
 
 def _on(cache: dict, key: str, device: torch.device, make):
@@ -201,6 +203,23 @@ class EulerDiscreteScheduler(diffusers.EulerDiscreteScheduler):
             self._init_step_index(timestep)
         indices = _on(self._mm_cache(), "indices", device, lambda: torch.arange(len(self.sigmas)))
         return indices[self.step_index]
+
+    def add_noise(self, original_samples, noise, timesteps):
+        """x + sigma * noise with sigma gathered per sample inside the kernel. The step index of each
+        timestep is found on the device (diffusers searches self.timesteps on the host for each one),
+        with diffusers' rule: the second match when a timestep occurs twice, else the first."""
+        device = original_samples.device
+        if self.begin_index is None:
+            schedule = _on(self._mm_cache(), "timesteps", device, lambda: self.timesteps.cpu())
+            t = timesteps.to(device).reshape(-1)
+            matches = t[:, None] == schedule[None, :]
+            which = torch.where(matches.sum(1) > 1, 2, 1)
+            index = ((matches.int().cumsum(1) == which[:, None]) & matches).int().argmax(1)
+            index = index.reshape(()) if index.numel() == 1 else index
+        else:
+            i = self.step_index if self.step_index is not None else self.begin_index
+            index = _on(self._mm_cache(), "indices", device, lambda: torch.arange(len(self.sigmas)))[i]
+        return euler_add_noise(original_samples, noise.to(original_samples.dtype), index, self._mm_sigmas(device))
 
     def scale_model_input(self, sample, timestep):
         out = euler_scale_model_input(sample, self._mm_index(timestep, sample.device),

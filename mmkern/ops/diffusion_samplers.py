@@ -212,3 +212,42 @@ def euler_scale_model_input(sample: Tensor, step_index: Tensor, sigmas: Tensor) 
 def _(sample, step_index, sigmas):
     _check_scale("mmkern::euler_scale_model_input", sample, step_index, sigmas)
     return sample.new_empty(sample.shape)
+
+
+def _check_euler_add_noise(fn, original_samples, noise, step_index, sigmas):
+    check_step_inputs(fn, original_samples, original_samples, dict(step_index=step_index), "sigmas", sigmas, noise)
+    if noise is None:
+        raise ValueError(f"{fn}: noise must be a tensor like original_samples, got None")
+
+
+@torch.library.custom_op("mmkern::euler_add_noise", mutates_args=())
+def euler_add_noise(original_samples: Tensor, noise: Tensor, step_index: Tensor, sigmas: Tensor) -> Tensor:
+    """x + sigmas[i] * noise per sample: EulerDiscreteScheduler.add_noise."""
+    fn = "mmkern::euler_add_noise"
+    _check_euler_add_noise(fn, original_samples, noise, step_index, sigmas)
+    N = sigmas.shape[0]
+    check_index_values(fn, "step_index", step_index, 0, N - 1, f"len(sigmas) = {N}")
+    return dispatch.call("euler_add_noise", original_samples.device, original_samples=original_samples, noise=noise,
+                         step_index=step_index, sigmas=sigmas)
+
+
+@euler_add_noise.register_fake
+def _(original_samples, noise, step_index, sigmas):
+    _check_euler_add_noise("mmkern::euler_add_noise", original_samples, noise, step_index, sigmas)
+    return original_samples.new_empty(original_samples.shape)
+
+
+def _euler_add_noise_setup(ctx, inputs, output):
+    _, _, step_index, sigmas = inputs
+    ctx.save_for_backward(step_index, sigmas)
+
+
+def _euler_add_noise_backward(ctx, grad):
+    step_index, sigmas = ctx.saved_tensors
+    sigma = sigmas.to(torch.float64 if grad.dtype == torch.float64 else torch.float32)[step_index.long()]
+    sigma = sigma.reshape(tuple(sigma.shape) + (1,) * (grad.dim() - sigma.dim()))
+    return grad.clone(), (grad * sigma).to(grad.dtype), None, None
+
+
+torch.library.register_autograd("mmkern::euler_add_noise", _euler_add_noise_backward,
+                                setup_context=_euler_add_noise_setup)

@@ -157,3 +157,10 @@ def euler_scale_model_input(sample, step_index, sigmas):
     s = up(sample)
     sigma = per_sample(sigmas.to(compute_dtype())[step_index.long()], s)
     return (s / (sigma ** 2 + 1).sqrt()).to(sample.dtype).contiguous()
+
+
+def euler_add_noise(original_samples, noise, step_index, sigmas):
+    """Kernel of mmkern::euler_add_noise: x + sigmas[i] * noise (the Euler scheduler's noising, sigma-space)."""
+    x = up(original_samples)
+    sigma = per_sample(sigmas.to(compute_dtype())[step_index.long()], x)
+    return (x + sigma * up(noise)).to(original_samples.dtype)

@@ -20,6 +20,7 @@ KERNELS = {
     "ddim_step": ("diffusion_samplers", "ddim_step", "step_reasons"),
     "euler_step": ("diffusion_samplers", "euler_step", "step_reasons"),
     "euler_scale_model_input": ("diffusion_samplers", "euler_scale_model_input", "step_reasons"),
+    "euler_add_noise": ("diffusion_samplers", "euler_add_noise", "add_noise_reasons"),
     "norm_residual_forward": ("norm", "norm_forward", "norm_forward_reasons"),
     "norm_residual_backward": ("norm", "norm_backward", "norm_backward_reasons"),
 }

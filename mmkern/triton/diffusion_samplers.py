@@ -144,6 +144,19 @@ def _euler_scale_kernel(sample_ptr, out_ptr, step_index_ptr, sigmas_ptr, numel, 
     tl.store(out_ptr + offsets, (s / tl.sqrt(sigma * sigma + 1.0)).to(out_ptr.dtype.element_ty), mask=in_bounds)
 
 
+@triton.jit
+def _euler_add_noise_kernel(x_ptr, noise_ptr, out_ptr, step_index_ptr, sigmas_ptr, numel, per_sample, index_stride,
+                            n_sigmas, BLOCK: tl.constexpr):
+    """out = x + sigmas[i_b] * noise: read x, noise, write out (3 x numel x itemsize bytes)."""
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_bounds = offsets < numel
+    i = tl.load(step_index_ptr + (offsets // per_sample) * index_stride, mask=in_bounds, other=0)
+    sigma = tl.load(sigmas_ptr + tl.minimum(tl.maximum(i, 0), n_sigmas - 1), mask=in_bounds, other=0.0)
+    x = tl.load(x_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
+    noise = tl.load(noise_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offsets, (x + sigma.to(tl.float32) * noise).to(out_ptr.dtype.element_ty), mask=in_bounds)
+
+
 # --------------------------------------------------------------------------- runners
 
 def step_reasons(sample, **inputs) -> list[str]:
@@ -234,6 +247,21 @@ def euler_scale_model_input(sample, step_index, sigmas):
     return out
 
 
+def add_noise_reasons(original_samples, **inputs) -> list[str]:
+    return dtype_reasons(original_samples=original_samples)
+
+
+def euler_add_noise(original_samples, noise, step_index, sigmas):
+    x, noise = original_samples.contiguous(), noise.contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    numel, per_sample, stride = _layout(x, step_index)
+    if numel:
+        _euler_add_noise_kernel[(triton.cdiv(numel, BLOCK),)](x, noise, out, step_index, sigmas.contiguous(), numel,
+                                                              per_sample, stride, sigmas.shape[0], BLOCK=BLOCK,
+                                                              num_warps=NUM_WARPS)
+    return out
+
+
 def aot_configs():
     """Every configuration the dispatcher can launch, for the ahead-of-time compile check (the pointer
     types of timesteps and tables vary too: int32/int64, float32/float64)."""
@@ -263,3 +291,6 @@ def aot_configs():
         yield _euler_scale_kernel, {"sample_ptr": dtype, "out_ptr": dtype, "step_index_ptr": t_type,
                                     "sigmas_ptr": a_type, "numel": "i64", "per_sample": "i64", "index_stride": "i32",
                                     "n_sigmas": "i32"}, dict(BLOCK=BLOCK), NUM_WARPS, 1
+        yield _euler_add_noise_kernel, {"x_ptr": dtype, "noise_ptr": dtype, "out_ptr": dtype, "step_index_ptr": t_type,
+                                        "sigmas_ptr": a_type, "numel": "i64", "per_sample": "i64",
+                                        "index_stride": "i32", "n_sigmas": "i32"}, dict(BLOCK=BLOCK), NUM_WARPS, 1
