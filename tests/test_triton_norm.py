@@ -245,3 +245,34 @@ def test_auto_dispatch_and_reasons():
     assert "at most 65536" in triton_norm.norm_forward_reasons(**dict(inputs, x=wide))[0]
     with triton_backend, pytest.raises(mmkern.NoBackendError, match="x has dtype torch.float64"):
         mmkern.layer_norm_residual(x.double())
+
+
+def test_backward_runs_on_the_forward_backend_so_the_dropout_mask_matches():
+    """Forward forced onto the reference, backward called outside the block (where auto would pick Triton)."""
+    x = _randn(4, 64, dtype=f32).requires_grad_()
+    residual = _randn(4, 64, dtype=f32)
+    seed = seed_drawn_after(21)
+    torch.manual_seed(21)
+    with mmkern.backend("reference"):
+        out, pre = mmkern.layer_norm_residual(x, residual, dropout_p=0.5, prenorm=True)
+    (dx,) = torch.autograd.grad(pre, x, torch.ones_like(pre))          # dpre/dx = keep / (1 - p)
+    keep = mmkern.reference.dropout.dropout_keep_mask(seed, (4, 64), 0.5, DEVICE)
+    assert torch.equal(dx, keep.float() * 2) and torch.equal(pre, torch.where(keep, x.detach() * 2, 0.0) + residual)
+
+
+@pytest.mark.parametrize("N", [1000, 4097])
+def test_bfloat16_outputs_are_the_float32_results_rounded_to_nearest_even(N):
+    """Same float32 math either way, so the bf16 kernels' outputs must be torch's round-to-nearest-even of the
+    float32 kernels' outputs, bit for bit (Triton's interpreter truncates on its own; the kernels round as a GPU)."""
+    x, residual = _randn(3, N, dtype=bf16), _randn(3, N, dtype=bf16)
+    weight, bias, dout = _randn(N, dtype=f32), _randn(N, dtype=f32), _randn(3, N, dtype=bf16)
+    half = triton_norm.norm_forward(x, residual, weight, bias, 1e-5, 0.0, None, False, False)
+    full = triton_norm.norm_forward(x.float(), residual.float(), weight, bias, 1e-5, 0.0, None, False, False)
+    for h, f in zip(half, full):
+        assert torch.equal(h, f.to(h.dtype))
+    pre = half[1]          # the backward reads the stored stream: give both the same values
+    half = triton_norm.norm_backward(dout, None, pre, weight, bias, None, None, 1e-5, 0.0, None, False, True, bf16)
+    full = triton_norm.norm_backward(dout.float(), None, pre.float(), weight, bias, None, None, 1e-5, 0.0, None,
+                                     False, True, f32)
+    for h, f in zip(half, full):
+        assert torch.equal(h, f.to(h.dtype))

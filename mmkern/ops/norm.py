@@ -109,14 +109,21 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(pre, weight, bias, mean, rstd, dropout_seed, shift, scale)
     ctx.params = dict(eps=eps, dropout_p=dropout_p, is_rms_norm=is_rms_norm, has_residual=residual is not None,
                       x_dtype=x.dtype)
+    # The backward runs on the forward's backend, whatever `mmkern.backend` block it is called in:
+    # each backend draws its own dropout mask from the seed, so mixing them would mix masks.
+    ctx.backend = dispatch.select("norm_residual_forward", x.device, dict(
+        x=x, residual=residual, weight=weight, bias=bias, eps=eps, dropout_p=dropout_p, dropout_seed=dropout_seed,
+        residual_in_fp32=residual_in_fp32, is_rms_norm=is_rms_norm, shift=shift, scale=scale))
 
 
 def _backward(ctx, dout, dpre, _dmean, _drstd):
     pre, weight, bias, mean, rstd, dropout_seed, shift, scale = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros(pre.shape, dtype=ctx.params["x_dtype"], device=pre.device)
-    dx, d_residual, dweight, dbias, dshift, dscale = norm_residual_backward(
-        dout, dpre, pre, weight, bias, mean, rstd, dropout_seed=dropout_seed, shift=shift, scale=scale, **ctx.params)
+    with dispatch.backend(ctx.backend):
+        dx, d_residual, dweight, dbias, dshift, dscale = norm_residual_backward(
+            dout, dpre, pre, weight, bias, mean, rstd, dropout_seed=dropout_seed, shift=shift, scale=scale,
+            **ctx.params)
     return (dx, d_residual if ctx.params["has_residual"] else None, dweight if weight is not None else None,
             dbias if bias is not None else None, None, None, None, None, None,
             dshift if shift is not None else None, dscale if scale is not None else None)

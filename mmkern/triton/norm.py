@@ -78,6 +78,19 @@ def _keep(seed, offsets, dropout_p):
 
 
 @triton.jit
+def _store(pointer, value, mask, ROUND_BF16: tl.constexpr):
+    """Store float32 `value` in the pointer's dtype. Triton's interpreter (3.8) truncates float32 ->
+    bfloat16 where a GPU rounds to nearest even; ROUND_BF16 (set only under the interpreter) rounds
+    the bits first, so CPU tests see the GPU's bfloat16 outputs."""
+    if ROUND_BF16:
+        if pointer.dtype.element_ty == tl.bfloat16:
+            bits = value.to(tl.int32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+            value = bits.to(tl.float32, bitcast=True)
+    tl.store(pointer, value.to(pointer.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _load_pre(x_row, residual_row, cols, in_row, index, seed, dropout_p, dropout_scale, has_residual, has_dropout):
     """pre = dropout(x) + residual on one column block, float32 (0 outside the row)."""
     pre = tl.load(x_row + cols, mask=in_row, other=0.0).to(tl.float32)
@@ -104,7 +117,7 @@ def _norm_forward_kernel(x_ptr, residual_ptr, weight_ptr, bias_ptr, shift_ptr, s
                          out_ptr, pre_ptr, mean_ptr, rstd_ptr,
                          N, rows_per_sample, x_row_stride, residual_row_stride, eps, dropout_p, dropout_scale, seed,
                          has_residual, has_weight, has_bias, has_shift, has_scale, has_dropout, is_rms_norm,
-                         BLOCK_N: tl.constexpr, WIDE: tl.constexpr):
+                         BLOCK_N: tl.constexpr, WIDE: tl.constexpr, ROUND_BF16: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     x_row = x_ptr + row * x_row_stride
@@ -122,7 +135,7 @@ def _norm_forward_kernel(x_ptr, residual_ptr, weight_ptr, bias_ptr, shift_ptr, s
             in_row = c < N
             pre = _load_pre(x_row, residual_row, c, in_row, row * N + c, seed, dropout_p, dropout_scale,
                             has_residual, has_dropout)
-            tl.store(pre_row + c, pre.to(pre_ptr.dtype.element_ty), mask=in_row)
+            _store(pre_row + c, pre, in_row, ROUND_BF16)
             block_count = tl.minimum(N - start, BLOCK_N).to(tl.float32)
             block_mean = tl.sum(pre, axis=0) / block_count
             centered = tl.where(in_row, pre - block_mean, 0.0)
@@ -136,7 +149,7 @@ def _norm_forward_kernel(x_ptr, residual_ptr, weight_ptr, bias_ptr, shift_ptr, s
         in_row = cols < N
         pre = _load_pre(x_row, residual_row, cols, in_row, row * N + cols, seed, dropout_p, dropout_scale,
                         has_residual, has_dropout)
-        tl.store(pre_row + cols, pre.to(pre_ptr.dtype.element_ty), mask=in_row)
+        _store(pre_row + cols, pre, in_row, ROUND_BF16)
         mean = tl.sum(pre, axis=0) / N
         centered = tl.where(in_row, pre - mean, 0.0)
         m2 = tl.sum(centered * centered, axis=0)
@@ -160,14 +173,14 @@ def _norm_forward_kernel(x_ptr, residual_ptr, weight_ptr, bias_ptr, shift_ptr, s
                 y = y * (1.0 + tl.load(scale_ptr + modulation_row + c, mask=in_row, other=0.0))
             if has_shift:
                 y += tl.load(shift_ptr + modulation_row + c, mask=in_row, other=0.0)
-            tl.store(out_row + c, y.to(out_ptr.dtype.element_ty), mask=in_row)
+            _store(out_row + c, y, in_row, ROUND_BF16)
     else:
         y = _affine((pre - mean) * rstd, cols, in_row, weight_ptr, bias_ptr, has_weight, has_bias)
         if has_scale:
             y = y * (1.0 + tl.load(scale_ptr + modulation_row + cols, mask=in_row, other=0.0))
         if has_shift:
             y += tl.load(shift_ptr + modulation_row + cols, mask=in_row, other=0.0)
-        tl.store(out_row + cols, y.to(out_ptr.dtype.element_ty), mask=in_row)
+        _store(out_row + cols, y, in_row, ROUND_BF16)
 
 
 @triton.jit
@@ -183,17 +196,17 @@ def _grad_scale(weight_ptr, scale_ptr, modulation_row, cols, in_row, has_weight,
 
 @triton.jit
 def _input_grads(dxhat, xhat, rstd, projection, mean_dxhat, row, N, cols, in_row, dpre_row, dx_ptr, dresidual_ptr,
-                 seed, dropout_p, dropout_scale, has_dpre, has_residual, has_dropout):
+                 seed, dropout_p, dropout_scale, has_dpre, has_residual, has_dropout, ROUND_BF16: tl.constexpr):
     """dpre = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) + dpre_in; store d_residual = dpre
     and dx = dpre * keep / (1 - p) for one row on one column block."""
     dpre = rstd * (dxhat - mean_dxhat - xhat * projection)
     if has_dpre:
         dpre += tl.load(dpre_row + cols, mask=in_row, other=0.0).to(tl.float32)
     if has_residual:
-        tl.store(dresidual_ptr + row * N + cols, dpre.to(dresidual_ptr.dtype.element_ty), mask=in_row)
+        _store(dresidual_ptr + row * N + cols, dpre, in_row, ROUND_BF16)
     if has_dropout:
         dpre = tl.where(_keep(seed, row * N + cols, dropout_p), dpre * dropout_scale, 0.0)
-    tl.store(dx_ptr + row * N + cols, dpre.to(dx_ptr.dtype.element_ty), mask=in_row)
+    _store(dx_ptr + row * N + cols, dpre, in_row, ROUND_BF16)
 
 
 @triton.jit
@@ -229,7 +242,7 @@ def _norm_backward_kernel(dout_ptr, dpre_ptr, pre_ptr, weight_ptr, bias_ptr, sca
                           N, rows_per_sample, rows_per_program, programs_per_sample, dout_row_stride, dpre_row_stride,
                           eps, dropout_p, dropout_scale, seed,
                           has_residual, has_weight, has_bias, has_shift, has_scale, has_dropout, has_dpre, is_rms_norm,
-                          BLOCK_N: tl.constexpr, WIDE: tl.constexpr):
+                          BLOCK_N: tl.constexpr, WIDE: tl.constexpr, ROUND_BF16: tl.constexpr):
     # The statistics are recomputed from the stored (rounded) pre, not taken from the forward: with
     # pre in half precision, (rounded pre - unrounded mean) * rstd is rounding noise times up to
     # 1/sqrt(eps) (a width-1 LayerNorm has xhat = 0 exactly). Free for narrow rows (in registers).
@@ -300,7 +313,7 @@ def _norm_backward_kernel(dout_ptr, dpre_ptr, pre_ptr, weight_ptr, bias_ptr, sca
                 dout = tl.load(dout_ptr + row * dout_row_stride + c, mask=in_row, other=0.0).to(tl.float32)
                 _input_grads(dout * grad_scale, xhat, rstd, projection, mean_dxhat, row, N, c, in_row,
                              dpre_ptr + row * dpre_row_stride, dx_ptr, dresidual_ptr, seed, dropout_p, dropout_scale,
-                             has_dpre, has_residual, has_dropout)
+                             has_dpre, has_residual, has_dropout, ROUND_BF16)
                 sum_dout_xhat += dout * xhat
                 sum_dout += dout
             _store_partials(sum_dout_xhat, sum_dout, part_row, c, in_row, weight_ptr, bias_ptr, scale_ptr,
@@ -323,7 +336,7 @@ def _norm_backward_kernel(dout_ptr, dpre_ptr, pre_ptr, weight_ptr, bias_ptr, sca
             mean_dxhat = tl.sum(dxhat, axis=0) / N * centre
             _input_grads(dxhat, xhat, rstd, projection, mean_dxhat, row, N, cols, in_row,
                          dpre_ptr + row * dpre_row_stride, dx_ptr, dresidual_ptr, seed, dropout_p, dropout_scale,
-                         has_dpre, has_residual, has_dropout)
+                         has_dpre, has_residual, has_dropout, ROUND_BF16)
             sum_dout_xhat += dout * xhat
             sum_dout += dout
         _store_partials(sum_dout_xhat, sum_dout, part_row, cols, in_row, weight_ptr, bias_ptr, scale_ptr,
@@ -411,7 +424,7 @@ def norm_forward(x, residual, weight, bias, eps, dropout_p, dropout_seed, residu
         float(eps), float(dropout_p), 1.0 / (1.0 - dropout_p), _seed_value(dropout_p, dropout_seed),
         int(residual is not None), int(weight is not None), int(bias is not None), int(shift is not None),
         int(scale is not None), int(dropout_p > 0), int(is_rms_norm), BLOCK_N=block, WIDE=wide,
-        num_warps=num_warps_for(block))
+        ROUND_BF16=INTERPRETING, num_warps=num_warps_for(block))
     return out, pre, mean, rstd
 
 
@@ -462,7 +475,7 @@ def norm_backward(dout, dpre, pre, weight, bias, mean, rstd, eps, dropout_p, dro
         0 if dpre is None else dpre.stride(0), float(eps), float(dropout_p), 1.0 / (1.0 - dropout_p),
         _seed_value(dropout_p, dropout_seed), int(has_residual), int(weight is not None), int(bias is not None),
         int(shift is not None), int(scale is not None), int(dropout_p > 0), int(dpre is not None), int(is_rms_norm),
-        BLOCK_N=block, WIDE=wide, num_warps=num_warps_for(block))
+        BLOCK_N=block, WIDE=wide, ROUND_BF16=INTERPRETING, num_warps=num_warps_for(block))
     dweight_part, dbias_part, dshift_part, dscale_part = parts
 
     def total(part, like):                     # over every program
@@ -500,7 +513,7 @@ def aot_configs():
     for x_dtype, stream_dtype in DTYPE_PAIRS:
         xp, sp = TRITON_POINTER[x_dtype], TRITON_POINTER[stream_dtype]
         for block, wide in blocks:
-            constexprs = dict(BLOCK_N=block, WIDE=wide)
+            constexprs = dict(BLOCK_N=block, WIDE=wide, ROUND_BF16=False)
             forward = {"x_ptr": xp, "residual_ptr": sp, "weight_ptr": "*fp32", "bias_ptr": "*fp32",
                        "shift_ptr": "*fp32", "scale_ptr": "*fp32", "out_ptr": xp, "pre_ptr": sp, "mean_ptr": "*fp32",
                        "rstd_ptr": "*fp32", "N": "i32", "rows_per_sample": "i32", "x_row_stride": "i32",
