@@ -12,3 +12,8 @@ def test_every_triton_configuration_compiles_for_sm80_and_sm90():
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
     assert " 0 failed" in proc.stdout.splitlines()[-1]
     assert "sm_80" in proc.stdout and "sm_90" in proc.stdout
+    # Hopper: the 16-bit attention matrix products lower to warpgroup MMA (wgmma); sm_80 to mma.sync
+    hopper = [l for l in proc.stdout.splitlines() if l.startswith("sm_90 attention") and "*fp32" not in l]
+    ampere = [l for l in proc.stdout.splitlines() if l.startswith("sm_80 attention") and "*fp32" not in l]
+    assert hopper and all(" wgmma " in l for l in hopper)
+    assert ampere and all(" mma " in l for l in ampere)

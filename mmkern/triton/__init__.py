@@ -12,6 +12,9 @@ from mmkern.dispatch import register_kernel
 
 # op -> (module, run function, reasons function)
 KERNELS = {
+    "attention_forward": ("attention", "forward", "forward_reasons"),
+    "attention_backward": ("attention", "backward", "backward_reasons"),
+    "kvcache_append": ("attention", "kvcache_append", "kvcache_append_reasons"),
     "add_noise": ("diffusion", "add_noise", "noise_mix_reasons"),
     "get_velocity": ("diffusion", "get_velocity", "noise_mix_reasons"),
     "diffusion_loss": ("diffusion_loss", "forward", "loss_reasons"),

@@ -1,0 +1,188 @@
+"""Triton flash attention backward: two kernels, no atomics, so every run gives the same bits.
+
+Both recompute the probabilities from the forward's log-sum-exp instead of storing them:
+    p = exp(s - lse)                       (0 where lse = -inf)
+    dV = dropout(p)^T dO                   dP = dropout(dO V^T)
+    dS = p (dP - delta),  delta = rowsum(dO * O) - dlse
+    dS *= 1 - tanh^2                       (softcap; the additive mask's gradient is dS before this)
+    dQ = scale dS K                        dK = scale dS^T Q
+
+- `attention_dkdv_kernel`, grid (cdiv(max_seqlen_k, BLOCK_N), batch * kv_heads): a program owns
+  one key/value tile, keeps dK, dV in registers, and walks the query tiles that can see it for
+  every query head of its GQA group (so the group sum needs no atomics). It also writes the
+  mask gradient, each element exactly once.
+- `attention_dq_kernel`, grid (cdiv(max_seqlen_q, BLOCK_M), batch * heads): a program owns one
+  query tile and walks the key tiles it can see, like the forward.
+Memory traffic: Q, dO, K, V read once per visiting tile pair; no L x L intermediate.
+"""
+import triton
+import triton.language as tl
+
+from mmkern.triton.attention_scores import dot, dropout_keep, score_tile, sequence_bounds
+
+
+@triton.jit
+def _probabilities(s, lse):
+    """exp(s - lse), 0 in rows that see no key (lse = -inf)."""
+    seen = lse != float("-inf")
+    return tl.where(seen[:, None], tl.exp(s - tl.where(seen, lse, 0.0)[:, None]), 0.0)
+
+
+@triton.jit
+def attention_dkdv_kernel(
+    Q, K, V, DO, Lse, Delta, DK, DV, Mask, DMask, Alibi, CuSeqlensQ, CuSeqlensK, SequsedK,
+    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_dom, stride_doh, stride_lb, stride_lh, stride_lm,
+    stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
+    stride_mb, stride_mh, stride_mm, stride_mn, stride_dmb, stride_dmh, stride_dmm, stride_dmn, stride_ab,
+    seqlen_q, seqlen_k, max_seqlen_q, max_seqlen_k, num_heads, num_kv_heads, head_dim,
+    scale, softcap, window_left, window_right, bottom_right, dropout_p, seed,
+    GROUP: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, MASK_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
+    FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    batch = tl.program_id(1) // num_kv_heads
+    kv_head = tl.program_id(1) % num_kv_heads
+    q_start, q_len, k_start, k_len = sequence_bounds(batch, CuSeqlensQ, CuSeqlensK, SequsedK, seqlen_q, seqlen_k,
+                                                     IS_VARLEN, HAS_SEQUSED)
+    n_start = pid_n * BLOCK_N
+    if n_start >= k_len:
+        return
+    align = (k_len - q_len) * bottom_right
+    cols = n_start + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    rows0 = tl.arange(0, BLOCK_M)
+    kv_mask = (cols[:, None] < k_len) & (dims[None, :] < head_dim)
+    k = tl.load(K + batch.to(tl.int64) * stride_kb + (k_start + cols[:, None]).to(tl.int64) * stride_kn
+                + kv_head * stride_kh + dims[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + batch.to(tl.int64) * stride_vb + (k_start + cols[:, None]).to(tl.int64) * stride_vn
+                + kv_head * stride_vh + dims[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+
+    # query rows that can see this key tile: [lo, hi)
+    lo = tl.maximum(n_start - align - window_right, 0)
+    lo = (lo // BLOCK_M) * BLOCK_M
+    hi = tl.minimum(n_start + BLOCK_N - 1 - align + window_left + 1, q_len)
+    for g in range(GROUP):
+        head = kv_head * GROUP + g
+        batch_head = batch * num_heads + head
+        slope = 0.0
+        if ALIBI:
+            slope = tl.load(Alibi + batch * stride_ab + head)
+        q_base = Q + batch.to(tl.int64) * stride_qb + q_start.to(tl.int64) * stride_qm + head * stride_qh
+        do_base = DO + batch.to(tl.int64) * stride_dob + q_start.to(tl.int64) * stride_dom + head * stride_doh
+        stat_base = batch.to(tl.int64) * stride_lb + head * stride_lh + q_start.to(tl.int64) * stride_lm
+        for m_start in range(lo, hi, BLOCK_M):
+            rows = m_start + rows0
+            row_mask = (rows[:, None] < q_len) & (dims[None, :] < head_dim)
+            q = tl.load(q_base + rows[:, None].to(tl.int64) * stride_qm + dims[None, :], mask=row_mask, other=0.0)
+            do = tl.load(do_base + rows[:, None].to(tl.int64) * stride_dom + dims[None, :], mask=row_mask, other=0.0)
+            lse = tl.load(Lse + stat_base + rows * stride_lm, mask=rows < q_len, other=float("-inf"))
+            delta = tl.load(Delta + stat_base + rows * stride_lm, mask=rows < q_len, other=0.0)
+            mask_ptrs = Mask + batch.to(tl.int64) * stride_mb + head * stride_mh \
+                + rows[:, None].to(tl.int64) * stride_mm + cols[None, :] * stride_mn
+            s, tanh_s = score_tile(q, k, rows, cols, q_len, k_len, align, scale, softcap, slope, window_left,
+                                   window_right, mask_ptrs, SOFTCAP, ALIBI, MASK_KIND, FP32_DOT)
+            p = _probabilities(s, lse)
+            dp = dot(do, tl.trans(v), FP32_DOT)
+            if DROPOUT:
+                keep = dropout_keep(seed, batch_head, rows, cols, max_seqlen_q, max_seqlen_k, dropout_p)
+                p_dropped = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+            else:
+                p_dropped = p
+            dv += dot(tl.trans(p_dropped.to(do.dtype)), do, FP32_DOT)
+            ds = p * (dp - delta[:, None])
+            if MASK_GRAD:
+                dm_ptrs = DMask + batch.to(tl.int64) * stride_dmb + head * stride_dmh \
+                    + rows[:, None].to(tl.int64) * stride_dmm + cols[None, :] * stride_dmn
+                tl.store(dm_ptrs, ds.to(DMask.dtype.element_ty), mask=(rows[:, None] < q_len) & (cols[None, :] < k_len))
+            if SOFTCAP:
+                ds = ds * (1.0 - tanh_s * tanh_s)
+            dk += dot(tl.trans(ds.to(q.dtype)), q, FP32_DOT)
+
+    dk_ptrs = DK + batch.to(tl.int64) * stride_dkb + (k_start + cols[:, None]).to(tl.int64) * stride_dkn \
+        + kv_head * stride_dkh + dims[None, :]
+    dv_ptrs = DV + batch.to(tl.int64) * stride_dvb + (k_start + cols[:, None]).to(tl.int64) * stride_dvn \
+        + kv_head * stride_dvh + dims[None, :]
+    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def attention_dq_kernel(
+    Q, K, V, DO, Lse, Delta, DQ, Mask, Alibi, CuSeqlensQ, CuSeqlensK, SequsedK,
+    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_dom, stride_doh, stride_lb, stride_lh, stride_lm, stride_dqb, stride_dqm, stride_dqh,
+    stride_mb, stride_mh, stride_mm, stride_mn, stride_ab,
+    seqlen_q, seqlen_k, max_seqlen_q, max_seqlen_k, num_heads, head_dim,
+    scale, softcap, window_left, window_right, bottom_right, dropout_p, seed,
+    GROUP: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    batch = batch_head // num_heads
+    head = batch_head % num_heads
+    kv_head = head // GROUP
+    q_start, q_len, k_start, k_len = sequence_bounds(batch, CuSeqlensQ, CuSeqlensK, SequsedK, seqlen_q, seqlen_k,
+                                                     IS_VARLEN, HAS_SEQUSED)
+    m_start = pid_m * BLOCK_M
+    if m_start >= q_len:
+        return
+    align = (k_len - q_len) * bottom_right
+    rows = m_start + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    cols0 = tl.arange(0, BLOCK_N)
+    row_mask = (rows[:, None] < q_len) & (dims[None, :] < head_dim)
+    q = tl.load(Q + batch.to(tl.int64) * stride_qb + (q_start + rows[:, None]).to(tl.int64) * stride_qm
+                + head * stride_qh + dims[None, :], mask=row_mask, other=0.0)
+    do = tl.load(DO + batch.to(tl.int64) * stride_dob + (q_start + rows[:, None]).to(tl.int64) * stride_dom
+                 + head * stride_doh + dims[None, :], mask=row_mask, other=0.0)
+    stat_ptrs = batch.to(tl.int64) * stride_lb + head * stride_lh + (q_start + rows).to(tl.int64) * stride_lm
+    lse = tl.load(Lse + stat_ptrs, mask=rows < q_len, other=float("-inf"))
+    delta = tl.load(Delta + stat_ptrs, mask=rows < q_len, other=0.0)
+    k_base = K + batch.to(tl.int64) * stride_kb + k_start.to(tl.int64) * stride_kn + kv_head * stride_kh
+    v_base = V + batch.to(tl.int64) * stride_vb + k_start.to(tl.int64) * stride_vn + kv_head * stride_vh
+    mask_base = Mask + batch.to(tl.int64) * stride_mb + head * stride_mh + rows[:, None].to(tl.int64) * stride_mm
+    slope = 0.0
+    if ALIBI:
+        slope = tl.load(Alibi + batch * stride_ab + head)
+
+    lo = tl.maximum(m_start + align - window_left, 0)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    hi = tl.minimum(m_start + BLOCK_M - 1 + align + window_right + 1, k_len)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for n_start in range(lo, hi, BLOCK_N):
+        cols = n_start + cols0
+        kv_mask = (cols[:, None] < k_len) & (dims[None, :] < head_dim)
+        k = tl.load(k_base + cols[:, None].to(tl.int64) * stride_kn + dims[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None].to(tl.int64) * stride_vn + dims[None, :], mask=kv_mask, other=0.0)
+        s, tanh_s = score_tile(q, k, rows, cols, q_len, k_len, align, scale, softcap, slope, window_left, window_right,
+                               mask_base + cols[None, :] * stride_mn, SOFTCAP, ALIBI, MASK_KIND, FP32_DOT)
+        p = _probabilities(s, lse)
+        dp = dot(do, tl.trans(v), FP32_DOT)
+        if DROPOUT:
+            keep = dropout_keep(seed, batch_head, rows, cols, max_seqlen_q, max_seqlen_k, dropout_p)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - tanh_s * tanh_s)
+        dq += dot(ds.to(k.dtype), k, FP32_DOT)
+    tl.store(DQ + batch.to(tl.int64) * stride_dqb + (q_start + rows[:, None]).to(tl.int64) * stride_dqm
+             + head * stride_dqh + dims[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit
+def dropout_mask_kernel(Keep, seed, max_seqlen_q, max_seqlen_k, dropout_p,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The test path: Keep (B * H, max_seqlen_q, max_seqlen_k) bool, the very mask the kernels use."""
+    batch_head = tl.program_id(2)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = dropout_keep(seed, batch_head, rows, cols, max_seqlen_q, max_seqlen_k, dropout_p)
+    ptrs = Keep + (batch_head.to(tl.int64) * max_seqlen_q + rows[:, None]) * max_seqlen_k + cols[None, :]
+    tl.store(ptrs, keep, mask=(rows[:, None] < max_seqlen_q) & (cols[None, :] < max_seqlen_k))

@@ -1,0 +1,88 @@
+"""Triton building blocks shared by the attention forward and backward kernels.
+
+One tile of scores is recomputed in three places (forward, dK/dV, dQ); `score_tile` is the single
+definition of what a score is, so the three can never disagree:
+
+    s = scale * q k^T                                 (BLOCK_M, BLOCK_N), float32 accumulation
+    s = softcap * tanh(s / softcap)                   if SOFTCAP
+    s -= slope * |row + align - col|                  if ALIBI (bottom-right aligned positions)
+    s += mask (MASK_KIND 2, float) / hide where mask is False (MASK_KIND 1, bool)
+    s = -inf where the key is not visible: col >= k_len, row >= q_len, or outside the window
+        [row + align - window_left, row + align + window_right]   (causal: window_right = 0)
+
+`align` is k_len - q_len for flash-attn's bottom-right alignment, 0 for torch SDPA's top-left.
+Unbounded windows arrive as a large number (UNBOUNDED), so the window test needs no branches.
+"""
+import triton
+import triton.language as tl
+
+UNBOUNDED = 1 << 30
+
+
+@triton.jit
+def dot(a, b, FP32_DOT: tl.constexpr):
+    """a @ b with float32 accumulation. FP32_DOT: multiply in IEEE float32 (float32 inputs, and
+    bfloat16 under the interpreter, whose bf16 tl.dot is wrong: triton-lang/triton#11584)."""
+    if FP32_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def tanh(x):
+    # tl has no tanh on every supported Triton version; 2 sigmoid(2x) - 1 is exact in float32 to ~1 ulp
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def score_tile(q, k, rows, cols, q_len, k_len, align, scale, softcap, slope, window_left, window_right, mask_ptrs,
+               SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, FP32_DOT: tl.constexpr):
+    """q (BLOCK_M, BLOCK_D), k (BLOCK_N, BLOCK_D), rows (BLOCK_M,), cols (BLOCK_N,).
+    Returns (s, tanh_s): masked float32 scores, and tanh(raw / softcap) for the softcap gradient."""
+    s = dot(q, tl.trans(k), FP32_DOT) * scale
+    tanh_s = s
+    if SOFTCAP:
+        tanh_s = tanh(s / softcap)
+        s = softcap * tanh_s
+    aligned = rows[:, None] + align                       # the key position each query row lines up with
+    if ALIBI:
+        s -= slope * tl.abs(aligned - cols[None, :]).to(tl.float32)
+    in_bounds = (rows[:, None] < q_len) & (cols[None, :] < k_len)
+    visible = in_bounds & (cols[None, :] <= aligned + window_right) & (cols[None, :] >= aligned - window_left)
+    if MASK_KIND == 1:
+        visible &= tl.load(mask_ptrs, mask=in_bounds, other=0) != 0
+    if MASK_KIND == 2:
+        s += tl.load(mask_ptrs, mask=in_bounds, other=0.0).to(tl.float32)
+    s = tl.where(visible, s, float("-inf"))
+    return s, tanh_s
+
+
+@triton.jit
+def dropout_keep(seed, batch_head, rows, cols, max_seqlen_q, max_seqlen_k, dropout_p):
+    """(BLOCK_M, BLOCK_N) bool keep mask from Philox (tl.rand) at 64-bit counters
+    ((batch * H + head) * max_seqlen_q + row) * max_seqlen_k + col: the same numbers in the
+    forward, both backward kernels and `dropout_mask` (the test path)."""
+    offsets = (batch_head.to(tl.int64) * max_seqlen_q + rows[:, None].to(tl.int64)) * max_seqlen_k \
+        + cols[None, :].to(tl.int64)
+    return tl.rand(seed, offsets) >= dropout_p
+
+
+@triton.jit
+def sequence_bounds(batch, cu_seqlens_q, cu_seqlens_k, seqused_k, seqlen_q, seqlen_k,
+                    IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr):
+    """(q_start, q_len, k_start, k_len) of sequence `batch`: packed offsets for varlen, else 0 and
+    the dense lengths (k_len from seqused_k for the KV cache)."""
+    if IS_VARLEN:
+        q_start = tl.load(cu_seqlens_q + batch)
+        q_len = tl.load(cu_seqlens_q + batch + 1) - q_start
+        k_start = tl.load(cu_seqlens_k + batch)
+        k_len = tl.load(cu_seqlens_k + batch + 1) - k_start
+    else:
+        q_start = 0
+        q_len = seqlen_q
+        k_start = 0
+        k_len = seqlen_k
+        if HAS_SEQUSED:
+            k_len = tl.load(seqused_k + batch)
+    return q_start, q_len, k_start, k_len
