@@ -26,7 +26,8 @@ triton_backend = mmkern.backend("triton")
 
 
 def _shape(N):
-    """(batch, seq, N): a few rows, fewer for the wide ones (the interpreter is slow)."""
+    """(batch, seq, N): a few rows, fewer for the wide ones (the interpreter is slow). Rows wider than
+    4096 take the backward's column-block loop, wider than 8192 the forward's too."""
     return (2, 3, N) if N <= 4097 else (2, 1, N)
 
 
@@ -106,7 +107,7 @@ def _reachable(variant, pair):
 
 @pytest.mark.parametrize("variant,pair", [pytest.param(v, p, id=f"{v}-{i}") for v in VARIANTS
                                           for p, i in zip(PAIRS, PAIR_IDS) if _reachable(v, p)])
-@pytest.mark.parametrize("N", [1000, 4097])
+@pytest.mark.parametrize("N", [1000, 8193])
 @pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
 def test_matches_oracle_variants(variant, pair, N, rms):
     options = VARIANTS[variant]
@@ -127,7 +128,7 @@ def test_modulation_with_one_row_per_sample_and_many_samples():
 # --------------------------------------------------------------------------- dropout
 
 @pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
-@pytest.mark.parametrize("N", [1000, 4097])
+@pytest.mark.parametrize("N", [1000, 8193])
 @pytest.mark.parametrize("dtype", [f32, bf16])
 def test_dropout_mask_is_the_same_in_forward_and_backward(rms, N, dtype):
     shape, p = (2, 3, N), 0.3
@@ -184,7 +185,7 @@ def test_keep_mask_has_the_requested_rate_and_depends_on_the_seed():
 
 # --------------------------------------------------------------------------- layouts, shapes, dispatch
 
-@pytest.mark.parametrize("N", [300, 4097])
+@pytest.mark.parametrize("N", [300, 8193])
 def test_strided_rows_are_read_in_place(N):
     """x and residual rows with a row stride of 2N (last dim contiguous); dout broadcast (stride 0)."""
     big_x, big_r = _randn(5, 2 * N, dtype=f32), _randn(5, 2 * N, dtype=f32)
@@ -260,7 +261,7 @@ def test_backward_runs_on_the_forward_backend_so_the_dropout_mask_matches():
     assert torch.equal(dx, keep.float() * 2) and torch.equal(pre, torch.where(keep, x.detach() * 2, 0.0) + residual)
 
 
-@pytest.mark.parametrize("N", [1000, 4097])
+@pytest.mark.parametrize("N", [1000, 4097, 8193])
 def test_bfloat16_outputs_are_the_float32_results_rounded_to_nearest_even(N):
     """Same float32 math either way, so the bf16 kernels' outputs must be torch's round-to-nearest-even of the
     float32 kernels' outputs, bit for bit (Triton's interpreter truncates on its own; the kernels round as a GPU)."""

@@ -8,7 +8,7 @@ r // rows_per_sample:
 All arithmetic in float32 whatever the storage dtypes. The statistics read the float32 sum,
 before it is rounded to pre's dtype (as the float64 reference does).
 
-Forward: one program per row. A row of N <= MAX_BLOCK columns lives in registers: read x and
+Forward: one program per row. A row of N <= 8192 columns lives in registers: read x and
 residual once, write pre and out once (the minimum traffic). Wider rows (WIDE) loop over column
 blocks twice: pass 1 computes pre, stores it and merges per-block (mean, M2) with Chan's formula
 (no sum-of-squares cancellation); pass 2 recomputes pre from x and residual (not from the stored,
@@ -45,10 +45,12 @@ from mmkern.triton._common import INTERPRETING, KERNEL_DTYPES, TRITON_POINTER, d
 
 MAX_N = 65536          # widest row the kernels take
 # Column blocks held in registers; a row takes the smallest that covers it, wider rows loop over
-# MAX_BLOCK (WIDE). Few sizes keep the compiled set small (a block up to 4x wider than the row only
-# masks lanes: no extra memory traffic).
-BLOCKS = (256, 1024, 2048, 4096)
-MAX_BLOCK = BLOCKS[-1]
+# the largest (WIDE). Few sizes keep the compiled set small (a block up to 4x wider than the row
+# only masks lanes: no extra memory traffic). The backward keeps more (N,)-vectors live per row, so
+# its largest block is half the forward's (ptxas -v, sm_90, 16 warps: forward 8192 uses 64
+# registers, backward 4096 uses 120, neither spills).
+FORWARD_BLOCKS = (256, 1024, 2048, 4096, 8192)
+BACKWARD_BLOCKS = (256, 1024, 2048, 4096)
 # (x dtype, residual-stream dtype) pairs the kernels are compiled for
 DTYPE_PAIRS = ((torch.float32, torch.float32), (torch.float16, torch.float16), (torch.float16, torch.float32),
                (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32))
@@ -58,12 +60,12 @@ _BACKWARD_FLAGS = ["has_residual", "has_weight", "has_bias", "has_shift", "has_s
                    "is_rms_norm"]
 
 
-def block_size(N: int) -> tuple[int, bool]:
+def block_size(N: int, blocks: tuple[int, ...]) -> tuple[int, bool]:
     """(BLOCK_N, WIDE) for rows of N columns."""
-    for block in BLOCKS:
+    for block in blocks:
         if N <= block:
             return block, False
-    return MAX_BLOCK, True
+    return blocks[-1], True
 
 
 def num_warps_for(block: int) -> int:
@@ -415,7 +417,7 @@ def norm_forward(x, residual, weight, bias, eps, dropout_p, dropout_seed, residu
     if rows == 0:
         return out, pre, mean, rstd
     weight, bias, shift, scale = (_float32(t) for t in (weight, bias, shift, scale))
-    block, wide = block_size(N)
+    block, wide = block_size(N, FORWARD_BLOCKS)
     dummy = rstd    # stands in for absent tensors; never read (its flag is 0)
     _norm_forward_kernel[(rows,)](
         x, pre if residual is None else residual, dummy if weight is None else weight, dummy if bias is None else bias,
@@ -429,10 +431,11 @@ def norm_forward(x, residual, weight, bias, eps, dropout_p, dropout_seed, residu
 
 
 def _programs_per_sample(rows_per_sample: int, batch: int, device: torch.device) -> tuple[int, int]:
-    """(programs per sample, rows per program) of the backward grid: a few programs per SM on a
-    GPU (enough to fill it; each adds one (N,) float32 partial row per reduced gradient), few
-    under the interpreter (it runs programs one after another)."""
-    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    """(programs per sample, rows per program) of the backward grid: two programs per SM on a GPU
+    (flash-attn's and Liger's layer norms take one; each program adds one (N,) float32 partial row
+    per reduced gradient, written and read again by the final sum: at 4096 x 768 two per SM cost
+    ~6% of the backward's traffic), few under the interpreter (it runs programs one by one)."""
+    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     programs = min(rows_per_sample, max(1, triton.cdiv(target, batch)))
     rows_per_program = triton.cdiv(rows_per_sample, programs)
     return triton.cdiv(rows_per_sample, rows_per_program), rows_per_program
@@ -462,7 +465,7 @@ def norm_backward(dout, dpre, pre, weight, bias, mean, rstd, eps, dropout_p, dro
         return torch.empty((programs, N), dtype=torch.float32, device=device) if t is not None else None
 
     parts = [partial(t) for t in (weight, bias, shift, scale)]
-    block, wide = block_size(N)
+    block, wide = block_size(N, BACKWARD_BLOCKS)
     # (mean, rstd, mean(dxhat * xhat), mean(dxhat)) per row, between the two passes over wide rows
     row_stats = torch.empty((rows, 4) if wide else (1,), dtype=torch.float32, device=device)
     weight32, bias32, scale32 = (_float32(t) for t in (weight, bias, scale))
@@ -508,11 +511,13 @@ def dropout_keep_mask(seed: int, shape: tuple[int, ...], dropout_p: float, devic
 def aot_configs():
     """Every (dtype pair, block size) the launchers can dispatch, for the ahead-of-time compile check.
     Integer arguments are declared i32 (seed i64): larger values compile the same code with i64."""
-    blocks = [(b, False) for b in BLOCKS] + [(MAX_BLOCK, True)]
+    def blocks(sizes):
+        return [(b, False) for b in sizes] + [(sizes[-1], True)]
+
     flags = {name: "i32" for name in _BACKWARD_FLAGS}
     for x_dtype, stream_dtype in DTYPE_PAIRS:
         xp, sp = TRITON_POINTER[x_dtype], TRITON_POINTER[stream_dtype]
-        for block, wide in blocks:
+        for block, wide in blocks(FORWARD_BLOCKS):
             constexprs = dict(BLOCK_N=block, WIDE=wide, ROUND_BF16=False)
             forward = {"x_ptr": xp, "residual_ptr": sp, "weight_ptr": "*fp32", "bias_ptr": "*fp32",
                        "shift_ptr": "*fp32", "scale_ptr": "*fp32", "out_ptr": xp, "pre_ptr": sp, "mean_ptr": "*fp32",
@@ -520,6 +525,8 @@ def aot_configs():
                        "residual_row_stride": "i32", "eps": "fp32", "dropout_p": "fp32", "dropout_scale": "fp32",
                        "seed": "i64", **{name: "i32" for name in _FORWARD_FLAGS}}
             yield _norm_forward_kernel, forward, constexprs, num_warps_for(block), 1
+        for block, wide in blocks(BACKWARD_BLOCKS):
+            constexprs = dict(BLOCK_N=block, WIDE=wide, ROUND_BF16=False)
             backward = {"dout_ptr": xp, "dpre_ptr": sp, "pre_ptr": sp, "weight_ptr": "*fp32", "bias_ptr": "*fp32",
                         "scale_ptr": "*fp32", "dx_ptr": xp,
                         "dresidual_ptr": sp, "dweight_part_ptr": "*fp32", "dbias_part_ptr": "*fp32",
