@@ -1,7 +1,15 @@
-"""The `mmkern` command: `mmkern info` (what is here and usable) and `mmkern verify` (parity table)."""
+"""The `mmkern` command.
+
+    mmkern info          versions, device, and which backends are usable here and why
+    mmkern verify        every op on every usable backend against the float64 reference
+
+Further subcommands live in their own modules (COMMANDS below), imported only when asked for:
+each module defines `add_arguments(parser)` and `main(args) -> int`.
+"""
 from __future__ import annotations
 
 import argparse
+import importlib
 import platform
 import sys
 
@@ -48,6 +56,15 @@ def info() -> int:
     return 0
 
 
+# subcommand -> (module defining add_arguments(parser) and main(args), one-line help)
+COMMANDS = {
+    "build": ("mmkern.build", "compile the C++/CUDA extension mmkern._C (CPU kernels always, CUDA ones when possible)"),
+    "bench": ("mmkern.bench.cli", "run a quick benchmark selection and print a table"),
+    "report": ("mmkern.bench.report", "turn saved pytest-benchmark JSON into a Markdown table and PNG plots"),
+    "aot-report": ("mmkern.triton.aot_report", "per Triton kernel configuration: shared memory, registers, spills, wgmma"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mmkern", description="mmkern: fused attention, norm and diffusion ops")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -55,11 +72,22 @@ def main(argv: list[str] | None = None) -> int:
     verify = sub.add_parser("verify", help="run every op on every usable backend against the float64 reference")
     verify.add_argument("--backend", action="append", help="verify only this backend (repeatable)")
     verify.add_argument("--json", action="store_true", help="print the rows as JSON")
+    argv = sys.argv[1:] if argv is None else argv
+    # Only the module of the subcommand asked for is imported (they pull in heavy optional packages).
+    asked = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module_name, help_text) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text)
+        if name == asked:
+            module = importlib.import_module(module_name)
+            module.add_arguments(command)
+            command.set_defaults(run=module.main)
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()
-    from mmkern import verify as verify_module
-    return verify_module.main(args.backend, args.json)
+    if args.command == "verify":
+        from mmkern import verify as verify_module
+        return verify_module.main(args.backend, args.json)
+    return args.run(args)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ GPU: through its interpreter) are verified in a subprocess and their rows merged
 """
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -233,7 +234,8 @@ def _supports(backend_name: str, case: Case) -> bool:
     return all(op in dispatch.backends()[backend_name].kernels for op in case.ops)
 
 
-def run_in_process(backends: list[str], include_oracle_rows: bool) -> list[Row]:
+def run_in_process(backends: list[str], include_oracle_rows: bool, notes: dict | None = None) -> list[Row]:
+    """Rows of every op case, then of every model parity check, for `backends`; `notes` gets what was left out."""
     rows = []
     for case in cases():
         if include_oracle_rows and case.torch_impl is not None:
@@ -243,7 +245,30 @@ def run_in_process(backends: list[str], include_oracle_rows: bool) -> list[Row]:
                 for dtype in DTYPES:
                     torch.manual_seed(0)
                     rows += measure(case, name, dtype)
-    return rows
+    model_rows, left_out = model_parity_rows(backends)
+    if notes is not None:
+        notes.update(left_out)
+    return rows + model_rows
+
+
+# Model parity (patched model against the unpatched original, same weights): each module defines
+# parity_rows(backend: str) -> list[Row]. A module whose library (transformers, diffusers) is not
+# installed raises ImportError on import and its rows are left out, with a note.
+MODEL_PARITY_MODULES = ("mmkern.integrations.transformers_parity", "mmkern.integrations.diffusers_parity")
+
+
+def model_parity_rows(backends: list[str]) -> tuple[list[Row], dict[str, str]]:
+    """(rows, module -> why it was left out)."""
+    rows, left_out = [], {}
+    for module_name in MODEL_PARITY_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            left_out[module_name] = str(exc)
+            continue
+        for name in backends:
+            rows += module.parity_rows(name)
+    return rows, left_out
 
 
 def run_in_interpreter_subprocess(backend: str) -> list[Row]:
@@ -287,7 +312,8 @@ def format_table(rows: list[Row]) -> str:
 
 def main(requested: list[str] | None = None, as_json: bool = False) -> int:
     here, elsewhere, skipped = plan(requested)
-    rows = run_in_process(here, include_oracle_rows=not as_json and "reference" in here)
+    notes: dict[str, str] = {}
+    rows = run_in_process(here, include_oracle_rows=not as_json and "reference" in here, notes=notes)
     for name in elsewhere:
         rows += run_in_interpreter_subprocess(name)
     if as_json:
@@ -296,6 +322,8 @@ def main(requested: list[str] | None = None, as_json: bool = False) -> int:
         print(format_table(rows))
         for name, why in skipped.items():
             print(f"(backend {name} not verified: {why})")
+        for module_name, why in notes.items():
+            print(f"(model parity rows of {module_name} left out: {why})")
         failed = sum(not r.passed for r in rows)
         print(f"\n{len(rows) - failed} passed, {failed} failed")
     return 1 if any(not r.passed for r in rows) else 0
