@@ -119,7 +119,7 @@ def test_attention_decode(bench, benchmark, impl, cache_len):
         def decode(q):
             with torch.no_grad():
                 return implementation.fn(q, k_cache, v_cache, cache_seqlens)
-    bench(decode, q, op="attention_decode", impl=impl, series=series, x=cache_len, x_label="KV cache length",
+    bench(decode, q, op="attention_decode", impl=impl, metric="GB/s", series=series, x=cache_len, x_label="KV cache length",
           shape=f"B{b} Hq{h} Hkv{hk} Lq1 Lk{cache_len} D{d}", dtype=_DT[dtype],
           flops=attention_flops(b, h, 1, cache_len, d), bytes=attention_decode_bytes(b, h, hk, 1, cache_len, d,
                                                                                       q.element_size()),

@@ -1,7 +1,8 @@
 """Diffusion ops: mmkern's fused Triton kernels against what a diffusers user runs, side by side:
 
     device_copy     x.clone(): the copy bandwidth of this device, the roof for these memory-bound ops
-    mmkern_triton   mmkern.diffusion.* under `mmkern.backend("triton")`
+    mmkern_cuda, mmkern_triton
+                    mmkern.diffusion.* forced onto each of mmkern's backends
     diffusers_eager diffusers' own scheduler methods when diffusers is installed, else the same code
                     written out here (diffusers' arithmetic, timestep given as a Python int)
     torch_compile   the written-out eager code under torch.compile (inductor)
@@ -14,6 +15,8 @@ extra_info["GB/s"] counts the minimum bytes, every tensor read or written once:
 with N = numel * itemsize. Sizes on a GPU: 64x4x128x128 and 16x16x256x256 in bf16 and fp32 (the
 issue's goal on an H200: >= 85% of device_copy, >= 3x diffusers' eager step); on a CPU a tiny
 smoke-test size, with mmkern_triton only where the Triton backend is usable (TRITON_INTERPRET=1).
+MMKERN_BENCH_SIZES=quick (gpu_check.sh) keeps the larger shape. Rates, the L2 flush between rounds and
+device-time clocks come from the `bench` fixture (conftest.py).
 """
 import importlib.util
 
@@ -22,12 +25,14 @@ import torch
 import torch.nn.functional as F
 
 import mmkern
-from conftest import DEVICE, ON_GPU
+from conftest import DEVICE, ON_GPU, QUICK, skip_unless_backend
 
 D = mmkern.diffusion
 SHAPES = [(64, 4, 128, 128), (16, 16, 256, 256)] if ON_GPU else [(2, 4, 16, 16)]
+if ON_GPU and QUICK:
+    SHAPES = [(16, 16, 256, 256)]
 DTYPES = [torch.bfloat16, torch.float32] if ON_GPU else [torch.float32]
-IMPLS = ["device_copy", "mmkern_triton", "diffusers_eager", "torch_compile"]
+IMPLS = ["device_copy", "mmkern_cuda", "mmkern_triton", "diffusers_eager", "torch_compile"]
 OPS = {"add_noise": 3, "loss_fwd_bwd": 5, "ddpm_step": 5, "ddim_step": 4, "euler_step": 4}
 T_STEP, PREV_STEP = 501, 481          # a DDIM/DDPM step of a 50-step schedule
 GAMMA = 5.0
@@ -128,12 +133,6 @@ def _diffusers_impl(op):
     return None     # the loss lives in diffusers' training scripts: the written-out eager code is it
 
 
-def _record_gbps(benchmark, bytes_moved):
-    stats = getattr(benchmark, "stats", None)
-    if stats is not None and getattr(stats, "stats", None) is not None and stats.stats.min > 0:
-        benchmark.extra_info["GB/s"] = float(f"{bytes_moved / stats.stats.min / 1e9:.3g}")
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=[str(d).replace("torch.", "") for d in DTYPES])
 @pytest.mark.parametrize("shape", SHAPES, ids=["x".join(map(str, s)) for s in SHAPES])
 @pytest.mark.parametrize("op", list(OPS))
@@ -151,19 +150,21 @@ def test_diffusion_op(bench, benchmark, impl, op, shape, dtype):
         torch.randn(shape, device=DEVICE, dtype=dtype)
     numel_bytes = a.numel() * a.element_size()
     bytes_moved = OPS[op] * numel_bytes
-    info = dict(bytes=bytes_moved, shape=str(shape), dtype=str(dtype))
+    info = dict(bytes=bytes_moved, shape=str(shape), dtype=str(dtype), op=op, impl=impl,
+                series=f"{op} {str(dtype).replace('torch.', '')}", x=a.numel(), x_label="elements")
     if impl == "device_copy":
         bench(lambda x: x.detach().clone(), a, **dict(info, bytes=2 * numel_bytes))
-        _record_gbps(benchmark, 2 * numel_bytes)
         return
     mm, eager = _impls(op, ac, sigmas, sigmas_cpu)
-    if impl == "mmkern_triton":
-        if "triton" not in mmkern.available_backends():
-            reasons = mmkern.dispatch.backends()["triton"].environment_reasons()
-            pytest.skip("the Triton backend is not usable here: " + "; ".join(reasons))
+    if impl.startswith("mmkern_"):
+        backend = impl[len("mmkern_"):]
+        skip_unless_backend(backend)
+        kernel = {"loss_fwd_bwd": "diffusion_loss"}.get(op, op)
+        if kernel not in mmkern.dispatch.backends()[backend].kernels:
+            pytest.skip(f"mmkern's {backend} backend has no {kernel} kernel yet")
 
         def fn(*args):
-            with mmkern.backend("triton"):
+            with mmkern.backend(backend):
                 return mm(*args)
     elif impl == "diffusers_eager":
         fn = _diffusers_impl(op) or eager
@@ -172,4 +173,3 @@ def test_diffusion_op(bench, benchmark, impl, op, shape, dtype):
         torch._dynamo.reset()
         fn = torch.compile(eager)
     bench(fn, a, b, third, **info)
-    _record_gbps(benchmark, bytes_moved)

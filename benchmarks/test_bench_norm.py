@@ -2,7 +2,8 @@
 would otherwise call, side by side in one run (same inputs, same group per size and mode):
 
     device_copy    x.clone(): the copy bandwidth of this device, the roof for a memory-bound op
-    mmkern_triton  mmkern.layer_norm_residual under `mmkern.backend("triton")` (prenorm=True)
+    mmkern_cuda, mmkern_triton
+                   mmkern.layer_norm_residual forced onto each of mmkern's backends (prenorm=True)
     torch_eager    F.dropout, add, F.layer_norm (three kernels)
     torch_compile  the same under torch.compile (inductor)
     liger / apex / flash_attn   their fused layer norms, when installed (skipped otherwise)
@@ -16,6 +17,8 @@ extra_info["GB/s"] counts the minimum bytes: every input read once and every out
 85% of device_copy's GB/s, 1.5x torch_eager, 1.0x torch_compile and the installed libraries.
 On a CPU-only machine the sizes are tiny (a smoke test); mmkern_triton then runs only when the
 Triton backend is usable (TRITON_INTERPRET=1 set before import), else it is skipped with the reason.
+MMKERN_BENCH_SIZES=quick (gpu_check.sh) keeps 4k x 768, 16k x 4096 and 64k x 8192.
+Rates, the L2 flush between rounds and device-time clocks come from the `bench` fixture (conftest.py).
 """
 import importlib.util
 
@@ -24,12 +27,14 @@ import torch
 import torch.nn.functional as F
 
 import mmkern
-from conftest import DEVICE, ON_GPU
+from conftest import DEVICE, ON_GPU, QUICK, skip_unless_backend
 
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 # rows x hidden, from 4k x 768 to 64k x 8192 (GPT-2 small .. large-model hidden sizes)
-SIZES = [(4096, 768), (16384, 1024), (16384, 4096), (65536, 8192)] if ON_GPU else [(64, 256)]
-IMPLS = ["device_copy", "mmkern_triton", "torch_eager", "torch_compile", "liger", "apex", "flash_attn"]
+SIZES = [(4096, 768), (16384, 1024), (16384, 4096), (65536, 8192)] if ON_GPU else [(64, 256), (64, 1024)]
+if ON_GPU and QUICK:
+    SIZES = [(4096, 768), (16384, 4096), (65536, 8192)]
+IMPLS = ["device_copy", "mmkern_cuda", "mmkern_triton", "torch_eager", "torch_compile", "liger", "apex", "flash_attn"]
 MODES = ["forward", "forward_backward"]
 TRAINING_DROPOUT = 0.1
 
@@ -68,17 +73,20 @@ def _library_impl(impl):
     return fn
 
 
-def _mmkern_triton(x, residual, weight, bias, dropout_p):
-    with mmkern.backend("triton"):
-        return mmkern.layer_norm_residual(x, residual, weight, bias, dropout_p=dropout_p, prenorm=True)
+def _mmkern(backend):
+    def fn(x, residual, weight, bias, dropout_p):
+        with mmkern.backend(backend):
+            return mmkern.layer_norm_residual(x, residual, weight, bias, dropout_p=dropout_p, prenorm=True)
+    return fn
 
 
 def _norm_impl(impl):
-    if impl == "mmkern_triton":
-        if "triton" not in mmkern.available_backends():
-            reasons = mmkern.dispatch.backends()["triton"].environment_reasons()
-            pytest.skip("the Triton backend is not usable here: " + "; ".join(reasons))
-        return _mmkern_triton
+    if impl.startswith("mmkern_"):
+        backend = impl[len("mmkern_"):]
+        skip_unless_backend(backend)
+        if "norm_residual_forward" not in mmkern.dispatch.backends()[backend].kernels:
+            pytest.skip(f"mmkern's {backend} backend has no norm kernels yet")
+        return _mmkern(backend)
     if impl == "torch_eager":
         return _eager
     if impl == "torch_compile":
@@ -87,17 +95,14 @@ def _norm_impl(impl):
     return _library_impl(impl)
 
 
-def _record_gbps(benchmark, bytes_moved):
-    stats = getattr(benchmark, "stats", None)
-    if stats is not None and getattr(stats, "stats", None) is not None and stats.stats.min > 0:
-        benchmark.extra_info["GB/s"] = float(f"{bytes_moved / stats.stats.min / 1e9:.3g}")   # at the fastest round
-
-
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("size", SIZES, ids=[f"{r}x{n}" for r, n in SIZES])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_layer_norm_residual(bench, benchmark, impl, size, mode):
     rows, N = size
+    series = f"layer_norm_residual {mode} {str(DTYPE).replace('torch.', '')}"
+    info = dict(op="layer_norm_residual", impl=impl, series=series, x=N, x_label="hidden size",
+                shape=f"{rows}x{N} {DTYPE}", mode=mode)
     benchmark.group = f"layer_norm_residual {mode} {rows}x{N}"
     training = mode == "forward_backward"
     x, residual = (torch.randn(rows, N, device=DEVICE, dtype=DTYPE, requires_grad=training) for _ in range(2))
@@ -105,8 +110,7 @@ def test_layer_norm_residual(bench, benchmark, impl, size, mode):
     itemsize = x.element_size()
     if impl == "device_copy":
         bytes_moved = 2 * rows * N * itemsize
-        bench(lambda x: x.detach().clone(), x, bytes=bytes_moved, shape=f"{rows}x{N} {DTYPE}")
-        _record_gbps(benchmark, bytes_moved)
+        bench(lambda x: x.detach().clone(), x, bytes=bytes_moved, **info)
         return
     norm = _norm_impl(impl)
     if training:
@@ -121,5 +125,4 @@ def test_layer_norm_residual(bench, benchmark, impl, size, mode):
             with torch.no_grad():
                 return norm(x, residual, weight, bias, 0.0)
         bytes_moved = 4 * rows * N * itemsize
-    bench(fn, x, residual, bytes=bytes_moved, shape=f"{rows}x{N} {DTYPE}", mode=mode)
-    _record_gbps(benchmark, bytes_moved)
+    bench(fn, x, residual, bytes=bytes_moved, **info)
