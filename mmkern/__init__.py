@@ -15,6 +15,7 @@ from mmkern._version import __version__
 from mmkern import backends as _backends  # noqa: F401  (registers the backends)
 from mmkern import reference as _reference  # noqa: F401  (registers the reference kernels)
 from mmkern import triton as _triton  # noqa: F401  (registers the Triton kernels, lazily)
+from mmkern import native as _native  # noqa: F401  (registers the C++/CUDA kernels of mmkern._C, lazily)
 from mmkern.dispatch import NoBackendError, available_backends, backend
 from mmkern.attention import (flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache,
                               scaled_dot_product_attention)

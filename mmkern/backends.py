@@ -1,7 +1,8 @@
 """The four backends and what each needs from the machine.
 
-Kernels are registered by the backend packages themselves (mmkern/reference, mmkern/triton,
-mmkern/_C); this file only says whether each backend can run here, and on which devices.
+Kernels are registered by the backend packages themselves (mmkern/reference, mmkern/triton, and
+mmkern/native for the compiled extension mmkern._C); this file only says whether each backend can
+run here, and on which devices.
 """
 from __future__ import annotations
 
@@ -34,17 +35,14 @@ def _triton_device_reason(device: torch.device) -> str | None:
 
 
 def _extension_reasons() -> list[str]:
-    if importlib.util.find_spec("mmkern._C") is None:
-        return ["the compiled extension mmkern._C is not built in this install"]
-    try:
-        importlib.import_module("mmkern._C")
-    except Exception as exc:  # a broken build must not break `import mmkern`
-        return [f"the compiled extension mmkern._C failed to load: {exc}"]
-    return []
+    # mmkern.native loads the build lazily and turns a missing, stale or broken one into a reason
+    from mmkern import native
+    return native.extension_reasons()
 
 
 def _cuda_environment_reasons() -> list[str]:
-    reasons = _extension_reasons()
+    from mmkern import native
+    reasons = _extension_reasons() + native.cuda_reasons()
     if not torch.cuda.is_available():
         reasons.append("no CUDA GPU here")
     return reasons

@@ -1,0 +1,359 @@
+// CPU kernels of residual + LayerNorm / RMSNorm (torch.ops.mmkern_C.norm_forward / norm_backward, CPU key).
+//
+// Rows run in parallel (at::parallel_for); each row is converted once into float32 scratch rows
+// (thread-local, N floats each) and the math runs on those with at::vec::Vectorized<float>, so one
+// non-templated kernel serves every (x, stream) dtype pair: only the load/store conversions switch on
+// the dtype. Traffic per row (forward): read x and residual once, write pre and out once.
+// Row sums are cascaded (float vector partials over blocks of 1024, blocks added in double): at
+// N = 65536 their error stays at float32 rounding of the result, not N times it.
+//
+// Backward: the rows of each sample are cut into a fixed number of chunks (norm.h, independent of the
+// thread count); a chunk accumulates sum(dout * xhat) and sum(dout) over its rows in float32 and writes
+// one partial row per reduced gradient; the partials are summed in a fixed order (reduce_partials).
+#include "norm/norm.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/philox.h"
+
+namespace mmkern::norm {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kW = Vec::size();
+
+// ----------------------------------------------------------------------------- conversions
+
+void load_row(const void* src, at::ScalarType dtype, float* dst, int64_t n) {
+  switch (dtype) {
+    case at::kFloat: std::memcpy(dst, src, n * sizeof(float)); break;
+    case at::kHalf: at::vec::convert(static_cast<const c10::Half*>(src), dst, n); break;
+    case at::kBFloat16: at::vec::convert(static_cast<const c10::BFloat16*>(src), dst, n); break;
+    default: TORCH_CHECK(false, "mmkern norm: unexpected dtype ", dtype);
+  }
+}
+
+// float32 -> dtype, rounding to nearest even (as torch's .to()).
+void store_row(const float* src, at::ScalarType dtype, void* dst, int64_t n) {
+  switch (dtype) {
+    case at::kFloat: std::memcpy(dst, src, n * sizeof(float)); break;
+    case at::kHalf: at::vec::convert(src, static_cast<c10::Half*>(dst), n); break;
+    case at::kBFloat16: at::vec::convert(src, static_cast<c10::BFloat16*>(dst), n); break;
+    default: TORCH_CHECK(false, "mmkern norm: unexpected dtype ", dtype);
+  }
+}
+
+// ----------------------------------------------------------------------------- row reductions
+
+// sum over j < n of term(j), where vec_term(j) gives kW terms at once. Cascaded: four vector partials per
+// block of kBlock elements, block sums added in double.
+template <typename VecTerm, typename ScalarTerm>
+float cascade_sum(int64_t n, const VecTerm& vec_term, const ScalarTerm& scalar_term) {
+  constexpr int64_t kBlock = 1024;
+  double total = 0.0;
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int64_t end = std::min(n, start + kBlock);
+    Vec a0(0.f), a1(0.f), a2(0.f), a3(0.f);
+    int64_t j = start;
+    for (; j + 4 * kW <= end; j += 4 * kW) {
+      a0 += vec_term(j);
+      a1 += vec_term(j + kW);
+      a2 += vec_term(j + 2 * kW);
+      a3 += vec_term(j + 3 * kW);
+    }
+    for (; j + kW <= end; j += kW) a0 += vec_term(j);
+    float block = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, (a0 + a1) + (a2 + a3));
+    for (; j < end; ++j) block += scalar_term(j);
+    total += block;
+  }
+  return static_cast<float>(total);
+}
+
+float row_sum(const float* a, int64_t n) {
+  return cascade_sum(n, [&](int64_t j) { return Vec::loadu(a + j); }, [&](int64_t j) { return a[j]; });
+}
+
+float row_dot(const float* a, const float* b, int64_t n) {
+  return cascade_sum(n, [&](int64_t j) { return Vec::loadu(a + j) * Vec::loadu(b + j); },
+                     [&](int64_t j) { return a[j] * b[j]; });
+}
+
+float row_centered_square_sum(const float* a, float mean, int64_t n) {
+  const Vec m(mean);
+  return cascade_sum(n, [&](int64_t j) { Vec d = Vec::loadu(a + j) - m; return d * d; },
+                     [&](int64_t j) { float d = a[j] - mean; return d * d; });
+}
+
+// (mean, rstd) of a float32 row; mean = 0 for RMSNorm.
+std::pair<float, float> row_stats(const float* pre, int64_t n, float eps, bool is_rms_norm) {
+  const float mean = is_rms_norm ? 0.f : row_sum(pre, n) / static_cast<float>(n);
+  const float var = row_centered_square_sum(pre, mean, n) / static_cast<float>(n);
+  return {mean, 1.f / std::sqrt(var + eps)};
+}
+
+// a[j] = keep(seed, base + j) ? a[j] * scale : 0   (Philox: the same mask as the CUDA and Triton kernels)
+void apply_dropout(float* a, int64_t n, uint64_t seed, int64_t base, float p, float scale) {
+  for (int64_t j = 0; j < n; ++j) {
+    a[j] = dropout_keep(seed, static_cast<uint64_t>(base + j), p) ? a[j] * scale : 0.f;
+  }
+}
+
+// ----------------------------------------------------------------------------- forward
+
+struct ForwardArgs {
+  const char* x; const char* residual;                    // rows with byte strides
+  int64_t x_stride, residual_stride;                      // in bytes
+  at::ScalarType x_dtype, residual_dtype, stream_dtype;
+  const float* weight; const float* bias; const float* shift; const float* scale;
+  char* out; char* pre;                                   // contiguous rows
+  float* mean; float* rstd;
+  int64_t N, rows_per_sample;
+  float eps, dropout_p, dropout_scale;
+  uint64_t seed;
+  bool dropout, is_rms_norm;
+};
+
+void forward_rows(const ForwardArgs& a, int64_t begin, int64_t end) {
+  const int64_t N = a.N;
+  std::vector<float> scratch(2 * N);
+  float* row = scratch.data();            // pre, then out
+  float* tmp = row + N;                   // residual
+  const int64_t x_elt = c10::elementSize(a.x_dtype), stream_elt = c10::elementSize(a.stream_dtype);
+  for (int64_t r = begin; r < end; ++r) {
+    load_row(a.x + r * a.x_stride, a.x_dtype, row, N);
+    if (a.dropout) apply_dropout(row, N, a.seed, r * N, a.dropout_p, a.dropout_scale);
+    if (a.residual != nullptr) {
+      load_row(a.residual + r * a.residual_stride, a.residual_dtype, tmp, N);
+      at::vec::map2<float>([](Vec u, Vec v) { return u + v; }, row, row, tmp, N);
+    }
+    store_row(row, a.stream_dtype, a.pre + r * N * stream_elt, N);
+    const auto [mean, rstd] = row_stats(row, N, a.eps, a.is_rms_norm);
+    if (!a.is_rms_norm) a.mean[r] = mean;
+    a.rstd[r] = rstd;
+    const Vec vmean(mean), vrstd(rstd);
+    at::vec::map<float>([&](Vec u) { return (u - vmean) * vrstd; }, row, row, N);
+    if (a.weight) at::vec::map2<float>([](Vec u, Vec w) { return u * w; }, row, row, a.weight, N);
+    if (a.bias) at::vec::map2<float>([](Vec u, Vec b) { return u + b; }, row, row, a.bias, N);
+    const int64_t sample = r / a.rows_per_sample;
+    if (a.scale) {
+      at::vec::map2<float>([](Vec u, Vec s) { return u * (Vec(1.f) + s); }, row, row, a.scale + sample * N, N);
+    }
+    if (a.shift) at::vec::map2<float>([](Vec u, Vec s) { return u + s; }, row, row, a.shift + sample * N, N);
+    store_row(row, a.x_dtype, a.out + r * N * x_elt, N);
+  }
+}
+
+template <typename T>
+const T* maybe_ptr(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+ForwardResult norm_forward_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
+                               const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                               const c10::optional<at::Tensor>& shift, const c10::optional<at::Tensor>& scale,
+                               double eps, double dropout_p, int64_t seed, bool residual_in_fp32, bool is_rms_norm) {
+  const char* op = "mmkern_C::norm_forward";
+  TORCH_CHECK_VALUE(x.device().is_cpu(), op, ": x must be a CPU tensor for the CPU kernel; got ", x.device());
+  const int64_t rows_per_sample = check_forward(op, x, residual, weight, bias, shift, scale, dropout_p,
+                                                residual_in_fp32);
+  TORCH_CHECK_VALUE(eps > 0, op, ": eps must be > 0; got ", eps);
+  const int64_t rows = x.size(0), N = x.size(1);
+  const auto stream = stream_dtype(x, residual, residual_in_fp32);
+  auto out = at::empty({rows, N}, x.options());
+  auto pre = at::empty({rows, N}, x.options().dtype(stream));
+  auto mean = at::empty({is_rms_norm ? 0 : rows}, x.options().dtype(at::kFloat));
+  auto rstd = at::empty({rows}, x.options().dtype(at::kFloat));
+  if (rows == 0) return {out, pre, mean, rstd};
+  ForwardArgs a{};
+  a.x = static_cast<const char*>(x.data_ptr());
+  a.x_stride = x.stride(0) * x.element_size();
+  a.x_dtype = x.scalar_type();
+  a.residual = residual ? static_cast<const char*>(residual->data_ptr()) : nullptr;
+  a.residual_stride = residual ? residual->stride(0) * residual->element_size() : 0;
+  a.residual_dtype = residual ? residual->scalar_type() : stream;
+  a.stream_dtype = stream;
+  a.weight = maybe_ptr<float>(weight);
+  a.bias = maybe_ptr<float>(bias);
+  a.shift = maybe_ptr<float>(shift);
+  a.scale = maybe_ptr<float>(scale);
+  a.out = static_cast<char*>(out.data_ptr());
+  a.pre = static_cast<char*>(pre.data_ptr());
+  a.mean = is_rms_norm ? nullptr : mean.data_ptr<float>();
+  a.rstd = rstd.data_ptr<float>();
+  a.N = N;
+  a.rows_per_sample = std::max<int64_t>(rows_per_sample, 1);
+  a.eps = static_cast<float>(eps);
+  a.dropout = dropout_p > 0;
+  a.dropout_p = static_cast<float>(dropout_p);
+  a.dropout_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
+  a.seed = static_cast<uint64_t>(seed);
+  a.is_rms_norm = is_rms_norm;
+  const int64_t grain = std::max<int64_t>(1, 16384 / N);
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { forward_rows(a, begin, end); });
+  return {out, pre, mean, rstd};
+}
+
+// ----------------------------------------------------------------------------- backward
+
+struct BackwardArgs {
+  const char* dout; const char* dpre; const char* pre;
+  int64_t dout_stride, dpre_stride;                        // bytes
+  at::ScalarType x_dtype, stream_dtype;
+  const float* weight; const float* bias; const float* scale;
+  char* dx; char* d_residual;
+  float* dweight_part; float* dbias_part; float* dshift_part; float* dscale_part;   // (chunks, N) or null
+  int64_t N, rows_per_sample, chunks_per_sample, rows_per_chunk;
+  float eps, dropout_p, dropout_scale;
+  uint64_t seed;
+  bool dropout, is_rms_norm;
+};
+
+// One chunk: rows [first, end) of one sample.
+void backward_chunk(const BackwardArgs& a, int64_t chunk, float* scratch) {
+  const int64_t N = a.N;
+  const int64_t sample = chunk / a.chunks_per_sample;
+  const int64_t first = sample * a.rows_per_sample + (chunk % a.chunks_per_sample) * a.rows_per_chunk;
+  const int64_t end = std::min(first + a.rows_per_chunk, (sample + 1) * a.rows_per_sample);
+  float* xhat = scratch;            // the row's xhat
+  float* dout = scratch + N;        // the row's dout
+  float* g = scratch + 2 * N;       // dxhat, then dpre, then dx
+  float* gain = scratch + 3 * N;    // weight * (1 + scale[sample])
+  float* sum_dout_xhat = scratch + 4 * N;
+  float* sum_dout = scratch + 5 * N;
+  float* tmp = scratch + 6 * N;
+  std::fill(gain, gain + N, 1.f);
+  if (a.weight) std::copy(a.weight, a.weight + N, gain);
+  const float* scale_row = a.scale ? a.scale + sample * N : nullptr;
+  if (scale_row) at::vec::map2<float>([](Vec w, Vec s) { return w * (Vec(1.f) + s); }, gain, gain, scale_row, N);
+  std::fill(sum_dout_xhat, sum_dout_xhat + N, 0.f);
+  std::fill(sum_dout, sum_dout + N, 0.f);
+  const int64_t x_elt = c10::elementSize(a.x_dtype), stream_elt = c10::elementSize(a.stream_dtype);
+  const float inv_n = 1.f / static_cast<float>(N);
+  for (int64_t r = first; r < end; ++r) {
+    // statistics recomputed from the stored (rounded) pre, as the reference does
+    load_row(a.pre + r * N * stream_elt, a.stream_dtype, xhat, N);
+    const auto [mean, rstd] = row_stats(xhat, N, a.eps, a.is_rms_norm);
+    const Vec vmean(mean), vrstd(rstd);
+    at::vec::map<float>([&](Vec u) { return (u - vmean) * vrstd; }, xhat, xhat, N);
+    load_row(a.dout + r * a.dout_stride, a.x_dtype, dout, N);
+    at::vec::map2<float>([](Vec d, Vec w) { return d * w; }, g, dout, gain, N);
+    const float projection = row_dot(g, xhat, N) * inv_n;
+    const float mean_dxhat = a.is_rms_norm ? 0.f : row_sum(g, N) * inv_n;
+    const Vec vproj(projection), vmdx(mean_dxhat);
+    at::vec::map2<float>([&](Vec dxh, Vec xh) { return vrstd * (dxh - vmdx - xh * vproj); }, g, g, xhat, N);
+    if (a.dpre) {
+      load_row(a.dpre + r * a.dpre_stride, a.stream_dtype, tmp, N);
+      at::vec::map2<float>([](Vec u, Vec v) { return u + v; }, g, g, tmp, N);
+    }
+    if (a.d_residual) store_row(g, a.stream_dtype, a.d_residual + r * N * stream_elt, N);
+    if (a.dropout) apply_dropout(g, N, a.seed, r * N, a.dropout_p, a.dropout_scale);
+    store_row(g, a.x_dtype, a.dx + r * N * x_elt, N);
+    at::vec::map3<float>([](Vec s, Vec d, Vec xh) { return s + d * xh; }, sum_dout_xhat, sum_dout_xhat, dout, xhat,
+                         N);
+    at::vec::map2<float>([](Vec s, Vec d) { return s + d; }, sum_dout, sum_dout, dout, N);
+  }
+  // The chunk's rows share one sample's scale, so two sums give all four reduced gradients:
+  //   dweight = (1 + scale) * sum(dout * xhat)   dbias = (1 + scale) * sum(dout)
+  //   dshift  = sum(dout)                        dscale = weight * sum(dout * xhat) + bias * sum(dout)
+  const int64_t part = chunk * N;
+  for (int64_t j = 0; j < N; ++j) {
+    const float factor = scale_row ? 1.f + scale_row[j] : 1.f;
+    if (a.dweight_part) a.dweight_part[part + j] = factor * sum_dout_xhat[j];
+    if (a.dbias_part) a.dbias_part[part + j] = factor * sum_dout[j];
+    if (a.dshift_part) a.dshift_part[part + j] = sum_dout[j];
+    if (a.dscale_part) {
+      float ds = sum_dout_xhat[j] * (a.weight ? a.weight[j] : 1.f);
+      if (a.bias) ds += sum_dout[j] * a.bias[j];
+      a.dscale_part[part + j] = ds;
+    }
+  }
+}
+
+BackwardResult norm_backward_cpu(const at::Tensor& dout, const c10::optional<at::Tensor>& dpre, const at::Tensor& pre,
+                                 const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                                 const c10::optional<at::Tensor>& scale, double eps, double dropout_p, int64_t seed,
+                                 bool is_rms_norm, bool has_residual, bool has_shift, int64_t batch,
+                                 at::ScalarType x_dtype) {
+  const char* op = "mmkern_C::norm_backward";
+  TORCH_CHECK_VALUE(pre.device().is_cpu(), op, ": pre must be a CPU tensor for the CPU kernel; got ", pre.device());
+  const int64_t rows_per_sample = check_backward(op, dout, dpre, pre, weight, bias, scale, dropout_p, has_shift, batch,
+                                                 x_dtype);
+  TORCH_CHECK_VALUE(eps > 0, op, ": eps must be > 0; got ", eps);
+  const int64_t rows = pre.size(0), N = pre.size(1);
+  auto dx = at::empty({rows, N}, pre.options().dtype(x_dtype));
+  auto d_residual = has_residual ? at::empty({rows, N}, pre.options()) : pre.new_empty({0});
+  auto f32 = pre.options().dtype(at::kFloat);
+  if (rows == 0) {
+    auto zeros = [&](bool present, at::IntArrayRef shape) { return present ? at::zeros(shape, f32) : at::empty({0}, f32); };
+    return {dx, d_residual, zeros(weight.has_value(), {N}), zeros(bias.has_value(), {N}),
+            zeros(has_shift, {batch, N}), zeros(scale.has_value(), {batch, N})};
+  }
+  const int64_t chunks_ps = chunks_per_sample(rows_per_sample, batch, 64);
+  const int64_t rows_per_chunk = (rows_per_sample + chunks_ps - 1) / chunks_ps;
+  const int64_t chunks_ps_used = (rows_per_sample + rows_per_chunk - 1) / rows_per_chunk;
+  const int64_t chunks = batch * chunks_ps_used;
+  auto partial = [&](bool present) { return present ? at::empty({chunks, N}, f32) : at::Tensor(); };
+  at::Tensor dweight_part = partial(weight.has_value()), dbias_part = partial(bias.has_value()),
+             dshift_part = partial(has_shift), dscale_part = partial(scale.has_value());
+  BackwardArgs a{};
+  a.dout = static_cast<const char*>(dout.data_ptr());
+  a.dout_stride = dout.stride(0) * dout.element_size();
+  a.dpre = dpre ? static_cast<const char*>(dpre->data_ptr()) : nullptr;
+  a.dpre_stride = dpre ? dpre->stride(0) * dpre->element_size() : 0;
+  a.pre = static_cast<const char*>(pre.data_ptr());
+  a.x_dtype = x_dtype;
+  a.stream_dtype = pre.scalar_type();
+  a.weight = maybe_ptr<float>(weight);
+  a.bias = maybe_ptr<float>(bias);
+  a.scale = maybe_ptr<float>(scale);
+  a.dx = static_cast<char*>(dx.data_ptr());
+  a.d_residual = has_residual ? static_cast<char*>(d_residual.data_ptr()) : nullptr;
+  auto ptr = [](at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; };
+  a.dweight_part = ptr(dweight_part);
+  a.dbias_part = ptr(dbias_part);
+  a.dshift_part = ptr(dshift_part);
+  a.dscale_part = ptr(dscale_part);
+  a.N = N;
+  a.rows_per_sample = rows_per_sample;
+  a.chunks_per_sample = chunks_ps_used;
+  a.rows_per_chunk = rows_per_chunk;
+  a.eps = static_cast<float>(eps);
+  a.dropout = dropout_p > 0;
+  a.dropout_p = static_cast<float>(dropout_p);
+  a.dropout_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
+  a.seed = static_cast<uint64_t>(seed);
+  a.is_rms_norm = is_rms_norm;
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(7 * N);
+    for (int64_t c = begin; c < end; ++c) backward_chunk(a, c, scratch.data());
+  });
+  return reduce_partials(dx, d_residual, dweight_part, dbias_part, dshift_part, dscale_part, batch, pre);
+}
+
+at::Tensor dropout_keep_mask_cpu(const at::Tensor& like, double dropout_p, int64_t seed) {
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "mmkern_C::dropout_keep_mask: dropout_p must be in [0, 1); "
+                    "got ", dropout_p);
+  auto mask = at::empty(like.sizes(), like.options().dtype(at::kBool));
+  bool* m = mask.data_ptr<bool>();
+  const float p = static_cast<float>(dropout_p);
+  at::parallel_for(0, mask.numel(), 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) m[i] = dropout_keep(static_cast<uint64_t>(seed), static_cast<uint64_t>(i), p);
+  });
+  return mask;
+}
+
+}  // namespace
+}  // namespace mmkern::norm
+
+TORCH_LIBRARY_IMPL(mmkern_C, CPU, m) {
+  m.impl("norm_forward", &mmkern::norm::norm_forward_cpu);
+  m.impl("norm_backward", &mmkern::norm::norm_backward_cpu);
+  m.impl("dropout_keep_mask", &mmkern::norm::dropout_keep_mask_cpu);
+}
