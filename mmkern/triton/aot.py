@@ -35,13 +35,70 @@ class Compiled:
     dtype: str = ""
     wgmma: bool = False        # the PTX uses Hopper's warpgroup MMA
     mma: bool = False          # the PTX uses tensor-core mma.sync (sm_80 and up)
+    # from `ptxas -v` on the PTX (compile_config(..., resources=True) only; None otherwise)
+    registers: int | None = None
+    spill_stores: int | None = None    # bytes
+    spill_loads: int | None = None     # bytes
+    stack: int | None = None           # bytes of stack frame (local memory)
 
     @property
     def ok(self) -> bool:
         return self.error is None and self.shared <= SHARED_MEMORY_LIMIT[self.arch]
 
 
-def compile_config(fn, signature: dict, constexprs: dict, num_warps: int, num_stages: int, arch: int) -> Compiled:
+def ptxas_path(arch: int) -> str:
+    """The ptxas Triton compiles with (its own copy, else one on PATH)."""
+    import shutil
+
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        try:
+            tool = get_ptxas(arch)
+        except TypeError:              # older Triton: get_ptxas() takes no architecture
+            tool = get_ptxas()
+        path = getattr(tool, "path", tool)
+        if path and os.path.exists(str(path)):
+            return str(path)
+    except Exception:
+        pass
+    return shutil.which("ptxas") or "ptxas"
+
+
+def ptxas_resources(ptx: str, arch: int) -> dict:
+    """registers, spill_stores, spill_loads, stack of the kernel in `ptx`, read off `ptxas -v`."""
+    import re
+    import subprocess
+    import tempfile
+
+    target = re.search(r"^\.target\s+(sm_\w+)", ptx, re.M)
+    arch_name = target.group(1) if target else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as fh:
+            fh.write(ptx)
+        # the flags Triton's own ptxas call uses (triton/backends/nvidia/compiler.py make_cubin); Triton
+        # >= 3.8 adds --regAllocOptLevel=2 against a ptxas 13 register-allocation bug, older ptxas lack it
+        for extra in (["--regAllocOptLevel=2"], []):
+            proc = subprocess.run([ptxas_path(arch), "-lineinfo", "-v", *extra, f"--gpu-name={arch_name}", src,
+                                   "-o", os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True,
+                                  timeout=600)
+            if proc.returncode == 0:
+                break
+    text = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {text.strip()[-500:]}")
+
+    def number(pattern):
+        m = re.search(pattern, text)
+        return int(m.group(1)) if m else None
+    return dict(registers=number(r"Used (\d+) registers"), spill_stores=number(r"(\d+) bytes spill stores"),
+                spill_loads=number(r"(\d+) bytes spill loads"), stack=number(r"(\d+) bytes stack frame"))
+
+
+def compile_config(fn, signature: dict, constexprs: dict, num_warps: int, num_stages: int, arch: int,
+                   resources: bool = False) -> Compiled:
+    """Compile one configuration for `arch`; with resources=True also run `ptxas -v` on its PTX
+    (registers, spills, stack frame), which Triton keeps only after loading on a GPU."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -56,8 +113,15 @@ def compile_config(fn, signature: dict, constexprs: dict, num_warps: int, num_st
     except Exception as exc:  # report every failing configuration, not just the first
         return Compiled(fn.__name__, arch, constexprs, num_warps, num_stages, 0, f"{type(exc).__name__}: {exc}", dtype)
     ptx = compiled.asm.get("ptx", "")
-    return Compiled(fn.__name__, arch, constexprs, num_warps, num_stages, compiled.metadata.shared, None, dtype,
-                    "wgmma" in ptx, "mma.sync" in ptx)
+    result = Compiled(fn.__name__, arch, constexprs, num_warps, num_stages, compiled.metadata.shared, None, dtype,
+                      "wgmma" in ptx, "mma.sync" in ptx)
+    if resources:
+        try:
+            for key, value in ptxas_resources(ptx, arch).items():
+                setattr(result, key, value)
+        except Exception as exc:
+            result.error = f"{type(exc).__name__}: {exc}"
+    return result
 
 
 def all_configs() -> list[tuple]:
