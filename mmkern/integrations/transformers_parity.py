@@ -1,0 +1,219 @@
+"""Parity of transformers models patched by apply_mmkern against the unpatched originals (same weights).
+
+Used by tests/test_integration_transformers.py and by `mmkern verify` (parity_rows). Every check
+follows the project's criterion, with the unpatched model run in float64 as the oracle:
+    error     = max |patched model in dtype d - unpatched model in float64|
+    baseline  = max |unpatched model in d     - unpatched model in float64|
+    tolerance = 2 * baseline + eps(d) * max |oracle|
+over outputs at real (non-padded) positions, the loss, and every parameter's gradient (the
+tolerance of a gradient row uses the largest gradient). Greedy generation must give identical tokens.
+The models are tiny (2 layers, hidden 32, 4 heads, vocab 100) with random weights: no downloads.
+Importing this module raises ImportError when transformers is missing.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+
+import mmkern
+from mmkern import dispatch
+from mmkern.integrations.transformers import apply_mmkern  # ImportError without transformers
+from mmkern.verify import Row, _err, _largest
+
+from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
+
+VOCAB = 100
+ATTENTION_OPS = ("attention_forward", "attention_backward", "kvcache_append")
+
+
+# --------------------------------------------------------------------------- tiny models and batches
+
+def tiny_bert(seed: int = 0, hidden: int = 32, heads: int = 4) -> BertForMaskedLM:
+    """A 2-layer BertForMaskedLM with random weights, float64, dropout off (parity is deterministic)."""
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=heads,
+                        intermediate_size=2 * hidden, max_position_embeddings=64, type_vocab_size=2,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation="sdpa")
+    return BertForMaskedLM(config).double()
+
+
+def tiny_gpt2(seed: int = 0, hidden: int = 32, heads: int = 4) -> GPT2LMHeadModel:
+    """A 2-layer GPT2LMHeadModel with random weights, float64, dropout off."""
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=hidden, n_layer=2, n_head=heads,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2,
+                        pad_token_id=0, attn_implementation="sdpa")
+    return GPT2LMHeadModel(config).double()
+
+
+def bert_batch(seed: int = 1) -> dict:
+    """3 sequences of length 11 (real lengths 11, 7, 4: right padding), token types, masked-LM labels."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (3, 11), generator=g)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate((11, 7, 4)):
+        mask[row, :n] = 1
+    ids = ids * mask
+    token_type_ids = (torch.arange(11) >= 5).long().expand(3, 11) * mask
+    labels = torch.where((torch.rand(ids.shape, generator=g) < 0.5) & mask.bool(), ids, torch.full_like(ids, -100))
+    return dict(input_ids=ids, attention_mask=mask, token_type_ids=token_type_ids, labels=labels)
+
+
+def gpt2_batch(seed: int = 2) -> dict:
+    """3 sequences of length 10: full, left-padded (real 6), right-padded (real 8); labels -100 on padding."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (3, 10), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    mask[2, 8:] = 0
+    ids = ids * mask
+    labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
+    return dict(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+# --------------------------------------------------------------------------- running on a backend
+
+def attention_backend(backend: str) -> str:
+    """The backend the models' attention runs on when `backend` is asked for: itself if it has the
+    attention ops, else reference (a backend with norms only, like the C++ cpu backend today)."""
+    kernels = dispatch.backends()[backend].kernels
+    return backend if all(op in kernels for op in ATTENTION_OPS) else "reference"
+
+
+@contextlib.contextmanager
+def running_on(model: torch.nn.Module, backend: str):
+    """Forward passes inside run every mmkern op of `model` on `backend` (attention: attention_backend)."""
+    attn = attention_backend(backend)
+    handles = []
+    if attn != backend:
+        for module in model.modules():
+            if hasattr(module, "_mmkern_name") and not hasattr(module, "ln_1"):  # attention layers, not blocks
+                forcing = mmkern.backend(attn)
+                handles.append(module.register_forward_pre_hook(lambda *_, f=forcing: f.__enter__()))
+                handles.append(module.register_forward_hook(lambda *_, f=forcing: f.__exit__(None, None, None)))
+    try:
+        with mmkern.backend(backend):
+            yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def backward_on(backend: str):
+    """Context for loss.backward(): norm backwards keep their forward's backend; attention's is chosen here."""
+    return mmkern.backend(attention_backend(backend))
+
+
+def _device(backend: str) -> torch.device:
+    if torch.cuda.is_available() and backend in ("cuda", "triton"):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _prepare(base: torch.nn.Module, dtype, device, patched: bool) -> torch.nn.Module:
+    model = copy.deepcopy(base).to(device=device, dtype=dtype)
+    model.train()  # dropout is 0: training mode only makes the gradient path the one training uses
+    return apply_mmkern(model) if patched else model
+
+
+def _run(model, batch: dict, keep: torch.Tensor, backend: str | None, hidden: bool) -> dict:
+    """Outputs at real positions, loss and every parameter's gradient (named) of one forward/backward."""
+    model.zero_grad(set_to_none=True)
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    ctx = running_on(model, backend) if backend else contextlib.nullcontext()
+    with ctx:
+        out = model(**batch, output_hidden_states=hidden)
+    with backward_on(backend) if backend else contextlib.nullcontext():
+        out.loss.backward()
+    keep = keep.to(device)
+    result = {"logits": out.logits[keep].detach(), "loss": out.loss.detach().reshape(1)}
+    if hidden:
+        result["hidden"] = out.hidden_states[-1][keep].detach()
+    result["grads"] = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return result
+
+
+def _rows(name: str, backend: str, dtype, shape: str, got: dict, base: dict, oracle: dict) -> list[Row]:
+    label = str(dtype).replace("torch.", "")
+    attn = attention_backend(backend)
+    backend_label = backend if attn == backend else f"{backend} (attention on {attn})"
+    rows = []
+    for part in [k for k in oracle if k != "grads"]:
+        error = _err(got[part], oracle[part])
+        tolerance = 2 * _err(base[part], oracle[part]) + torch.finfo(dtype).eps * max(_largest([oracle[part]]), 1e-3)
+        rows.append(Row(f"{name} {part}", backend_label, label, shape, error, tolerance))
+    missing = set(oracle["grads"]) ^ set(got["grads"])
+    error = max((_err(got["grads"][n], g) for n, g in oracle["grads"].items() if n in got["grads"]), default=0.0)
+    if missing:
+        error = float("inf")  # a parameter lost (or gained) its gradient
+    base_error = max(_err(base["grads"][n], g) for n, g in oracle["grads"].items())
+    tolerance = 2 * base_error + torch.finfo(dtype).eps * max(_largest(list(oracle["grads"].values())), 1e-3)
+    rows.append(Row(f"{name} grads ({len(oracle['grads'])} params)", backend_label, label, shape, error, tolerance))
+    return rows
+
+
+def bert_parity(backend: str, dtype=torch.float32) -> list[Row]:
+    """BertForMaskedLM with right padding and token types: last hidden states, logits, MLM loss, gradients."""
+    device = _device(backend)
+    base, batch = tiny_bert(), bert_batch()
+    keep = torch.ones_like(batch["attention_mask"], dtype=torch.bool)  # bidirectional: every position matches
+    oracle = _run(_prepare(base, torch.float64, device, False), batch, keep, None, True)
+    baseline = _run(_prepare(base, dtype, device, False), batch, keep, None, True)
+    got = _run(_prepare(base, dtype, device, True), batch, keep, backend, True)
+    return _rows("transformers BERT MLM", backend, dtype, "3x11 pad 11,7,4 h32", got, baseline, oracle)
+
+
+def gpt2_parity(backend: str, dtype=torch.float32) -> list[Row]:
+    """GPT2LMHeadModel with left and right padding: logits at real positions, LM loss, gradients."""
+    device = _device(backend)
+    base, batch = tiny_gpt2(), gpt2_batch()
+    keep = batch["attention_mask"].bool()  # padded query rows see nothing (or garbage) in the original
+    oracle = _run(_prepare(base, torch.float64, device, False), batch, keep, None, False)
+    baseline = _run(_prepare(base, dtype, device, False), batch, keep, None, False)
+    got = _run(_prepare(base, dtype, device, True), batch, keep, backend, False)
+    return _rows("transformers GPT-2 LM", backend, dtype, "3x10 left/right pad h32", got, baseline, oracle)
+
+
+def generate_pair(backend: str, dtype=torch.float32, new_tokens: int = 6, left_padded: bool = True):
+    """Greedy generate with the KV cache: (tokens of the unpatched model, tokens of the patched one)."""
+    device = _device(backend)
+    base = tiny_gpt2()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, VOCAB, (3, 7), generator=g)
+    mask = torch.ones_like(ids)
+    if left_padded:
+        mask[1, :3] = 0
+        mask[2, :5] = 0
+        ids = ids * mask
+    ids, mask = ids.to(device), mask.to(device)
+    kwargs = dict(attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0)
+    plain = _prepare(base, dtype, device, False).eval()
+    patched = _prepare(base, dtype, device, True).eval()
+    with torch.no_grad():
+        want = plain.generate(ids, **kwargs)
+        with running_on(patched, backend):
+            got = patched.generate(ids, **kwargs)
+    return want, got
+
+
+def generate_rows(backend: str, dtype=torch.float32) -> list[Row]:
+    rows = []
+    for left_padded in (False, True):
+        want, got = generate_pair(backend, dtype, left_padded=left_padded)
+        mismatched = float((want != got).sum()) if want.shape == got.shape else float("inf")
+        attn = attention_backend(backend)
+        rows.append(Row(f"transformers GPT-2 greedy generate (KV cache){' left-padded' if left_padded else ''}",
+                        backend if attn == backend else f"{backend} (attention on {attn})",
+                        str(dtype).replace("torch.", ""), "3x7 + 6 new tokens, wrong tokens", mismatched, 0.0))
+    return rows
+
+
+def parity_rows(backend: str) -> list[Row]:
+    """`mmkern verify`'s model parity rows for `backend`: float32, plus bfloat16 when it runs on a GPU."""
+    rows = bert_parity(backend) + gpt2_parity(backend) + generate_rows(backend)
+    if _device(backend).type == "cuda":
+        rows += bert_parity(backend, torch.bfloat16) + gpt2_parity(backend, torch.bfloat16)
+    return rows
