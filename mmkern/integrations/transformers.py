@@ -359,7 +359,8 @@ def _apply_bert(model: nn.Module, fuse_norms: bool) -> None:
                                  f"{transformers.__version__} does not call AttentionInterface; mmkern attention "
                                  f"needs a transformers whose BERT does (>= 4.53)")
             module._mmkern_name = name
-        if fuse_norms and isinstance(module, (mb.BertSelfOutput, mb.BertOutput)):
+        if (fuse_norms and isinstance(module, (mb.BertSelfOutput, mb.BertOutput))
+                and not getattr(type(module), "_mmkern_fused", False)):
             module.LayerNorm = _fused_norm(module.LayerNorm, module.dropout.p, prenorm=False)
             _swap_class(module, _bert_output_forward, "bert_output")
 

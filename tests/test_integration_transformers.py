@@ -1,0 +1,269 @@
+"""mmkern.integrations.transformers: BERT and GPT-2 patched by apply_mmkern against the unpatched models.
+
+Parity (same weights, float32 on CPU, every usable backend; bf16 on a GPU): the unpatched model in
+float64 is the oracle and the patched model must be within 2x the unpatched float32 model's error
+of it (mmkern/integrations/transformers_parity.py), for outputs at real positions, the loss and
+every parameter's gradient; greedy generation with the KV cache must give identical tokens.
+"""
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import mmkern  # noqa: E402
+import mmkern.integrations.transformers as mmt  # noqa: E402
+from mmkern.integrations import transformers_parity as tp  # noqa: E402
+
+BACKENDS = [name for name in ("reference", "triton", "cpu", "cuda") if name in mmkern.available_backends()]
+
+
+def assert_rows_pass(rows):
+    assert rows, "no parity rows were measured"
+    failed = [f"{r.op} [{r.backend}, {r.dtype}]: error {r.error:.3e} > tolerance {r.tolerance:.3e}"
+              for r in rows if not r.passed]
+    assert not failed, "\n".join(failed)
+
+
+def test_reference_and_triton_are_covered():
+    # Triton runs through its interpreter here (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU)
+    assert {"reference", "triton"} <= set(BACKENDS), mmkern.available_backends()
+
+
+# --------------------------------------------------------------------------- parity
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bert_masked_lm_with_padding_and_token_types(backend):
+    rows = tp.bert_parity(backend)
+    assert {r.op.split(" ")[-1] for r in rows} >= {"hidden", "logits", "loss"}
+    assert any("grads (42 params)" in r.op for r in rows)
+    assert_rows_pass(rows)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gpt2_logits_loss_and_gradients_with_left_and_right_padding(backend):
+    rows = tp.gpt2_parity(backend)
+    assert any("grads" in r.op for r in rows)
+    assert_rows_pass(rows)
+
+
+@pytest.mark.parametrize("left_padded", [False, True], ids=["unpadded", "left-padded"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gpt2_greedy_generate_with_kv_cache_gives_identical_tokens(backend, left_padded):
+    want, got = tp.generate_pair(backend, new_tokens=4, left_padded=left_padded)
+    assert want.shape == got.shape == (3, 7 + 4)
+    assert torch.equal(want, got)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 parity runs on a GPU")
+@pytest.mark.parametrize("backend", [b for b in ("triton", "cuda") if b in BACKENDS])
+def test_bf16_parity_on_gpu(backend):
+    assert_rows_pass(tp.bert_parity(backend, torch.bfloat16) + tp.gpt2_parity(backend, torch.bfloat16))
+    want, got = tp.generate_pair(backend, torch.float32, new_tokens=4, left_padded=True)
+    assert torch.equal(want, got)
+
+
+# --------------------------------------------------------------------------- how it is wired
+
+def test_registered_with_attention_and_mask_interfaces():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+    assert AttentionInterface._global_mapping["mmkern"] is mmt.mmkern_attention_forward
+    assert AttentionMaskInterface._global_mapping["mmkern"] is mmt.mmkern_mask
+
+
+def test_apply_keeps_every_state_dict_key_and_value():
+    for base in (tp.tiny_bert().float(), tp.tiny_gpt2().float()):
+        before = copy.deepcopy(base.state_dict())
+        patched = mmt.apply_mmkern(base)
+        after = patched.state_dict()
+        assert list(after) == list(before)
+        assert all(torch.equal(after[k], before[k]) for k in before)
+        assert patched.config._attn_implementation == "mmkern"
+        patched.load_state_dict(before, strict=True)  # an unpatched checkpoint loads unchanged
+
+
+def test_fused_modules_are_in_place():
+    gpt2 = mmt.apply_mmkern(tp.tiny_gpt2().float())
+    block = gpt2.transformer.h[0]
+    assert isinstance(block.ln_2, mmkern.nn.LayerNormResidual) and block.ln_2.prenorm
+    assert isinstance(block.attn.resid_dropout, torch.nn.Identity)  # its p moved into ln_2
+    assert isinstance(gpt2.transformer.ln_f, mmkern.nn.LayerNormResidual)
+    assert isinstance(block, transformers.models.gpt2.modeling_gpt2.GPT2Block)
+    bert = mmt.apply_mmkern(tp.tiny_bert().float())
+    layer = bert.bert.encoder.layer[1]
+    assert isinstance(layer.output.LayerNorm, mmkern.nn.LayerNormResidual)
+    assert isinstance(layer.attention.output.LayerNorm, mmkern.nn.LayerNormResidual)
+    mmt.apply_mmkern(bert)  # applying twice changes nothing
+    assert isinstance(layer.output.LayerNorm, mmkern.nn.LayerNormResidual)
+
+
+def test_from_pretrained_with_attn_implementation_mmkern(tmp_path):
+    base = tp.tiny_gpt2().float().eval()
+    base.save_pretrained(tmp_path)
+    loaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path, attn_implementation="mmkern").eval()
+    assert loaded.config._attn_implementation == "mmkern"
+    batch = tp.gpt2_batch()
+    calls = []
+    real = mmt.mmkern_attention_forward
+    transformers.AttentionInterface.register("mmkern", lambda *a, **k: calls.append(1) or real(*a, **k))
+    try:
+        with torch.no_grad(), mmkern.backend("reference"):
+            got = loaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            want = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    finally:
+        mmt.register()
+    assert len(calls) == 2  # both layers ran mmkern attention
+    keep = batch["attention_mask"].bool()
+    torch.testing.assert_close(got[keep], want[keep], rtol=1e-5, atol=1e-5)
+
+
+def test_set_attn_implementation_alone_runs_mmkern_attention():
+    base = tp.tiny_bert().float().eval()
+    model = copy.deepcopy(base)
+    model.set_attn_implementation("mmkern")
+    batch = tp.bert_batch()
+    del batch["labels"]
+    with torch.no_grad(), mmkern.backend("reference"):
+        torch.testing.assert_close(model(**batch).logits, base(**batch).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_padding_reaches_the_kernel_as_varlen_never_as_a_dense_mask(monkeypatch):
+    seen = {"varlen": [], "dense": 0, "plain": []}
+    varlen, plain = mmkern.flash_attn_varlen_func, mmkern.flash_attn_func
+
+    def spy_varlen(q, k, v, cu_q, cu_k, *args, **kwargs):
+        seen["varlen"].append((cu_q.tolist(), cu_k.tolist(), kwargs["causal"]))
+        return varlen(q, k, v, cu_q, cu_k, *args, **kwargs)
+
+    def spy_plain(*args, **kwargs):
+        seen["plain"].append(kwargs["causal"])
+        return plain(*args, **kwargs)
+
+    def no_dense(*args, **kwargs):
+        seen["dense"] += 1
+        raise AssertionError("a dense mask reached mmkern.scaled_dot_product_attention")
+
+    monkeypatch.setattr(mmkern, "flash_attn_varlen_func", spy_varlen)
+    monkeypatch.setattr(mmkern, "flash_attn_func", spy_plain)
+    monkeypatch.setattr(mmkern, "scaled_dot_product_attention", no_dense)
+    bert, gpt2 = mmt.apply_mmkern(tp.tiny_bert().float()), mmt.apply_mmkern(tp.tiny_gpt2().float())
+    with torch.no_grad(), mmkern.backend("reference"):
+        bert(**tp.bert_batch())
+        # bidirectional: all 11 queries of each sequence against its 11, 7, 4 real keys
+        assert seen["varlen"] == [([0, 11, 22, 33], [0, 11, 18, 22], False)] * 2
+        seen["varlen"].clear()
+        gpt2(**tp.gpt2_batch())
+        # causal: the real tokens only (10, 6 left-padded, 8 right-padded), the kernel's causal flag
+        assert seen["varlen"] == [([0, 10, 16, 24], [0, 10, 16, 24], True)] * 2
+        gpt2(input_ids=tp.gpt2_batch()["input_ids"])
+        assert seen["plain"] == [True, True]  # no padding: no mask at all
+    assert seen["dense"] == 0
+
+
+# --------------------------------------------------------------------------- attention features at the function level
+
+def _sdpa(module, q, k, v, mask, **kw):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    return sdpa_attention_forward(module, q, k, v, mask, **kw)[0]
+
+
+def _module(is_causal, groups=1):
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups, module._mmkern_name = is_causal, groups, "test.attn"
+    return module
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_gqa_with_key_padding_matches_sdpa(is_causal):
+    B, H, H_kv, L, D = 2, 4, 2, 6, 8
+    q, k, v = torch.randn(B, H, L, D), torch.randn(B, H_kv, L, D), torch.randn(B, H_kv, L, D)
+    padding = torch.ones(B, L, dtype=torch.bool)
+    padding[1, :2] = False  # left padding
+    dense = padding[:, None, None, :].expand(B, 1, L, L)
+    if is_causal:
+        dense = dense & torch.ones(L, L, dtype=torch.bool).tril()
+    with mmkern.backend("reference"):
+        got = mmt.mmkern_attention_forward(_module(is_causal, H // H_kv), q, k, v, padding, scaling=0.3)[0]
+    want = _sdpa(_module(is_causal, H // H_kv), q, k, v, dense, scaling=0.3)
+    real = padding if is_causal else torch.ones_like(padding)
+    torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-5)
+
+
+def test_sliding_window_and_softcap_match_the_written_out_attention():
+    B, H, L, D, window, cap = 2, 2, 9, 8, 3, 2.0
+    q, k, v = torch.randn(B, H, L, D), torch.randn(B, H, L, D), torch.randn(B, H, L, D)
+    with mmkern.backend("reference"):
+        got = mmt.mmkern_attention_forward(_module(True), q, k, v, None, sliding_window=window, softcap=cap)[0]
+    s = cap * torch.tanh((q @ k.transpose(-1, -2)) / D ** 0.5 / cap)
+    i, j = torch.arange(L)[:, None], torch.arange(L)[None, :]
+    s = s.masked_fill(~((j <= i) & (i - j < window)), float("-inf"))  # transformers' sliding_window convention
+    want = (s.softmax(-1) @ v).transpose(1, 2)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_dropout_is_applied_and_reproducible():
+    q = k = v = torch.randn(1, 2, 5, 8)
+    with mmkern.backend("reference"):
+        plain = mmt.mmkern_attention_forward(_module(False), q, k, v, None)[0]
+        torch.manual_seed(7)
+        a = mmt.mmkern_attention_forward(_module(False), q, k, v, None, dropout=0.5)[0]
+        torch.manual_seed(7)
+        b = mmt.mmkern_attention_forward(_module(False), q, k, v, None, dropout=0.5)[0]
+    assert torch.equal(a, b) and not torch.allclose(a, plain)
+
+
+def test_a_users_4d_float_mask_is_added_to_the_scores():
+    q, k, v = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    bias = torch.randn(1, 1, 4, 5)
+    with mmkern.backend("reference"):
+        got = mmt.mmkern_attention_forward(_module(False), q, k, v, bias)[0]
+    torch.testing.assert_close(got, _sdpa(_module(False), q, k, v, bias), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- bad input
+
+def test_unsupported_architecture_names_the_supported_ones():
+    config = transformers.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1)
+    for model in (transformers.LlamaForCausalLM(config), torch.nn.Linear(2, 2)):
+        with pytest.raises(ValueError, match=r"not supported; supported architectures: bert .*gpt2"):
+            mmt.apply_mmkern(model)
+
+
+@pytest.mark.parametrize("key, words", [("head_mask", "head_mask"), ("position_bias", "attention bias"),
+                                        ("s_aux", "attention sinks")])
+def test_layouts_mmkern_cannot_take_name_the_layer_and_reason(key, words):
+    q = torch.randn(1, 2, 3, 8)
+    with pytest.raises(ValueError, match=rf"in test\.attn: .*{words}.* not supported"):
+        mmt.mmkern_attention_forward(_module(False), q, q, q, None, **{key: torch.ones(2)})
+
+
+def test_output_attentions_fails_at_first_forward_naming_the_layer():
+    model = mmt.apply_mmkern(tp.tiny_bert().float())
+    batch = tp.bert_batch()
+    with pytest.raises(ValueError, match=r"bert\.encoder\.layer\.0\.attention\.self: output_attentions=True"):
+        with mmkern.backend("reference"):
+            model(input_ids=batch["input_ids"], output_attentions=True)
+
+
+def test_relative_position_bert_is_rejected_at_apply():
+    model = tp.tiny_bert().float()
+    model.config.position_embedding_type = "relative_key"
+    with pytest.raises(ValueError, match="position_embedding_type='relative_key'"):
+        mmt.apply_mmkern(model)
+
+
+def test_gpt2_cross_attention_is_rejected_at_apply():
+    config = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, add_cross_attention=True)
+    with pytest.raises(ValueError, match="add_cross_attention"):
+        mmt.apply_mmkern(transformers.GPT2LMHeadModel(config))
+
+
+def test_padding_in_the_middle_with_a_sliding_window_is_refused():
+    q = torch.randn(1, 2, 5, 8)
+    padding = torch.tensor([[True, False, True, True, True]])
+    with pytest.raises(ValueError, match=r"test\.attn: a sliding window with padding in the middle"):
+        with mmkern.backend("reference"):
+            mmt.mmkern_attention_forward(_module(True), q, q, q, padding, sliding_window=2)
