@@ -1,10 +1,19 @@
 """Launchers of the Triton attention kernels: the `triton` backend of mmkern::attention_forward,
 mmkern::attention_backward and mmkern::kvcache_append (inputs as in mmkern/ops/attention.py).
 
-Tile sizes come from `tile_config(arch, block_d, pass)`: one table per architecture family,
-chosen so that every entry fits that family's shared memory (checked ahead of time for sm_80,
-sm_86 and sm_90 by mmkern/triton/aot.py). Feature flags (softcap, ALiBi, masks, dropout, varlen)
-are constexprs: they change the code, not the tiles.
+Tiles: one table per architecture family and pass (`_FORWARD_TILES`, `_BACKWARD_TILES`,
+`_DECODE_TILES`), plus a few alternatives (`_FORWARD_ALTERNATIVES`, `_BACKWARD_ALTERNATIVES`) that
+`triton.autotune` times against the table's entry on a GPU (key: head dim, causal/window,
+GQA group, varlen, and the tensors' dtype); the interpreter takes the table's entry. Every
+candidate fits its family's shared memory: `aot_configs()` yields them all, and
+mmkern/triton/aot.py compiles each for its architectures (sm_80, sm_86, sm_90) and checks it.
+Feature flags (softcap, ALiBi, masks, dropout, varlen) are constexprs: they change the code, not
+the tiles.
+
+Forward dispatch (`use_split_kv`): the split-KV decode kernels of attention_decode.py when
+max_seqlen_q <= DECODE_MAX_QUERIES (16), there is no attn_mask and no dropout, no input requires
+grad (the backward then runs from the normal forward's out and lse, as always), and
+`decode_splits` gives at least two key splits; the normal forward otherwise.
 """
 from __future__ import annotations
 
@@ -14,7 +23,9 @@ import torch
 import triton
 
 from mmkern.triton._common import INTERPRETING, dtype_reasons
-from mmkern.triton.attention_backward import attention_dkdv_kernel, attention_dq_kernel, dropout_mask_kernel
+from mmkern.triton.attention_backward import (backward_delta_kernel, attention_dkdv_kernel, attention_dq_kernel,
+                                              dropout_mask_kernel)
+from mmkern.triton.attention_decode import merge_attention_splits_kernel, attention_decode_split_kernel
 from mmkern.triton.attention_forward import attention_forward_kernel
 from mmkern.triton.attention_scores import UNBOUNDED
 
@@ -44,6 +55,25 @@ _BACKWARD_TILES = {
     "sm90": {16: Tiles(64, 64, 4, 2), 32: Tiles(64, 64, 4, 2), 64: Tiles(64, 64, 4, 2), 128: Tiles(64, 64, 8, 2),
              256: Tiles(64, 32, 8, 1)},
 }
+# Timed against the table's entry by triton.autotune on a GPU (16-bit dtypes; the hot head dims).
+_FORWARD_ALTERNATIVES = {
+    "sm80": {64: Tiles(64, 64, 4, 3), 128: Tiles(64, 64, 4, 3)},
+    "sm90": {64: Tiles(128, 128, 8, 3), 128: Tiles(128, 128, 8, 2)},
+}
+_BACKWARD_ALTERNATIVES = {
+    "sm90": {64: Tiles(128, 64, 8, 2), 128: Tiles(64, 128, 8, 2)},
+}
+# Split-KV decode: BLOCK_M packs GQA group x query rows. sm_80/86: 16 rows (mma.sync's minimum);
+# sm_90: 64 rows, the smallest wgmma tile (decode is bound by reading K/V, the padding is free).
+# float32 halves BLOCK_N (decode_tiles).
+_DECODE_TILES = {
+    "sm80": {16: Tiles(16, 128, 4, 3), 32: Tiles(16, 128, 4, 3), 64: Tiles(16, 128, 4, 3), 128: Tiles(16, 64, 4, 3),
+             256: Tiles(16, 32, 4, 2)},
+    "sm90": {16: Tiles(64, 128, 4, 3), 32: Tiles(64, 128, 4, 3), 64: Tiles(64, 128, 4, 3), 128: Tiles(64, 128, 4, 2),
+             256: Tiles(64, 64, 4, 2)},
+}
+_DECODE_TILES["sm86"] = _DECODE_TILES["sm80"]
+DECODE_MAX_QUERIES = 16
 ARCH_FAMILIES = {80: "sm80", 86: "sm86", 89: "sm86", 90: "sm90"}
 
 
@@ -52,6 +82,25 @@ def tiles_for(table: dict, family: str, bd: int, dtype: torch.dtype) -> Tiles:
     tiles = table[family][bd]
     if dtype == torch.float32:
         tiles = tiles._replace(block_m=max(16, tiles.block_m // 2))
+    return tiles
+
+
+def candidates(table: dict, alternatives: dict, family: str, bd: int, dtype: torch.dtype) -> tuple[Tiles, ...]:
+    """The table's tiles first (what the interpreter runs), then the alternatives autotune tries."""
+    first = tiles_for(table, family, bd, dtype)
+    extra = alternatives.get(family, {}).get(bd) if dtype != torch.float32 else None
+    return (first,) if extra is None else (first, extra)
+
+
+def decode_tiles(family: str, bd: int, dtype: torch.dtype, max_seqlen_k: int = 0) -> Tiles:
+    """The table's decode tiles. Under the interpreter (no compile, no shared memory: tiles only
+    change the speed) BLOCK_N also grows so a split walks at most 8 key tiles: 128k keys take
+    seconds, not minutes; the GPU tables never see this."""
+    tiles = _DECODE_TILES[family][bd]
+    if dtype == torch.float32:
+        tiles = tiles._replace(block_n=tiles.block_n // 2)
+    if INTERPRETING:
+        tiles = tiles._replace(block_n=max(tiles.block_n, triton.next_power_of_2(triton.cdiv(max_seqlen_k, 32))))
     return tiles
 
 
@@ -65,6 +114,33 @@ def arch_family(device: torch.device) -> str:
 def block_d(head_dim: int) -> int:
     """Head dims are padded to a power of two >= 16 (tl.dot's minimum); the padding is masked."""
     return max(16, triton.next_power_of_2(head_dim))
+
+
+# Outputs are allocated here; tests replace this with a NaN-filled allocation (poison) to prove that
+# every element is written.
+def new_output(shape, dtype, device) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+# Autotuned wrappers, one per (kernel, candidate tiles): the candidates depend on arch, head dim, dtype.
+_TUNE_KEY = ["head_dim", "window_right", "GROUP", "IS_VARLEN"]
+_TUNED: dict = {}
+
+
+def _launch(kernel, tiles: tuple[Tiles, ...], grid, **args) -> None:
+    """Runs `kernel` with the first candidate under the interpreter or when there is one, else
+    through triton.autotune over all of them. grid(meta) gets BLOCK_M/BLOCK_N from meta."""
+    if INTERPRETING or len(tiles) == 1:
+        t = tiles[0]
+        meta = dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n)
+        kernel[grid(meta)](**args, **meta, num_warps=t.num_warps, num_stages=t.num_stages)
+        return
+    tuned = _TUNED.get((kernel, tiles))
+    if tuned is None:
+        configs = [triton.Config(dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n), num_warps=t.num_warps,
+                                 num_stages=t.num_stages) for t in tiles]
+        tuned = _TUNED[(kernel, tiles)] = triton.autotune(configs=configs, key=_TUNE_KEY)(kernel)
+    tuned[grid](**args)
 
 
 def forward_reasons(q, k, v, alibi_slopes=None, attn_mask=None, **_) -> list[str]:
@@ -147,26 +223,91 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_se
             causal_bottom_right, window_left, window_right, softcap, alibi_slopes, attn_mask, dropout_p,
             dropout_seed, deterministic):
     p = _problem(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = new_output(q.shape, q.dtype, q.device)
     lse_shape = (p.heads, q.shape[0]) if p.varlen else (p.batch, p.heads, p.seqlen_q)
-    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+    lse = new_output(lse_shape, torch.float32, q.device)
     if p.batch == 0 or p.heads == 0 or p.max_seqlen_q == 0:
         return out, lse
     scalars, flags, pointers, alibi_stride = _feature_args(
         p, q, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes, causal, causal_bottom_right, window_left,
         window_right, softcap, dropout_p, dropout_seed, softmax_scale)
-    mask_kind, mask_strides = _mask_args(attn_mask)
     bd = block_d(p.head_dim)
-    tiles = tiles_for(_FORWARD_TILES, arch_family(q.device), bd, q.dtype)
-    grid = (triton.cdiv(p.max_seqlen_q, tiles.block_m), p.batch * p.heads)
-    attention_forward_kernel[grid](
-        q, k, v, out, lse, attn_mask if attn_mask is not None else q, **pointers,
-        **_strides("q", q, p.varlen), **_strides("k", k, p.varlen), **_strides("v", v, p.varlen),
-        **_strides("o", out, p.varlen), **dict(zip(("stride_lb", "stride_lh", "stride_lm"), _lse_strides(lse, p.varlen))),
-        **dict(zip(("stride_mb", "stride_mh", "stride_mm", "stride_mn"), mask_strides)), stride_ab=alibi_stride,
-        num_heads=p.heads, **scalars, **flags, MASK_KIND=mask_kind, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-        BLOCK_D=bd, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    family = arch_family(q.device)
+    if use_split_kv(p, q, k, v, attn_mask, dropout_p):
+        _decode(p, q, k, v, out, lse, scalars, flags, pointers, alibi_stride,
+                decode_tiles(family, bd, q.dtype, p.max_seqlen_k))
+        return out, lse
+    mask_kind, mask_strides = _mask_args(attn_mask)
+    tiles = candidates(_FORWARD_TILES, _FORWARD_ALTERNATIVES, family, bd, q.dtype)
+    _launch(attention_forward_kernel, tiles, lambda meta: (triton.cdiv(p.max_seqlen_q, meta["BLOCK_M"]),
+                                                           p.batch * p.heads),
+            Q=q, K=k, V=v, Out=out, Lse=lse, Mask=attn_mask if attn_mask is not None else q, **pointers,
+            **_strides("q", q, p.varlen), **_strides("k", k, p.varlen), **_strides("v", v, p.varlen),
+            **_strides("o", out, p.varlen),
+            **dict(zip(("stride_lb", "stride_lh", "stride_lm"), _lse_strides(lse, p.varlen))),
+            **dict(zip(("stride_mb", "stride_mh", "stride_mm", "stride_mn"), mask_strides)), stride_ab=alibi_stride,
+            num_heads=p.heads, **scalars, **flags, MASK_KIND=mask_kind, BLOCK_D=bd)
     return out, lse
+
+
+# --------------------------------------------------------------------------- split-KV decode
+
+def decode_splits(p: _Problem, device: torch.device, tiles: Tiles) -> int:
+    """How many key ranges the split-KV path cuts max_seqlen_k into (1 = use the normal forward).
+
+    GPU: enough programs for two waves over the SMs, (batch * kv_heads * row chunks) * splits ~
+    2 * SMs, with at least 4 key tiles per split (each split's partial output costs a write and a
+    read), at most 128 splits. The interpreter has no SMs: a fixed min(4, key tiles), so small tests
+    run several splits, some of them empty (short cache_seqlens, causal or window)."""
+    blocks = triton.cdiv(p.max_seqlen_k, tiles.block_n)
+    if device.type != "cuda":
+        return min(4, blocks)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    programs = p.batch * p.kv_heads * triton.cdiv((p.heads // p.kv_heads) * p.max_seqlen_q, tiles.block_m)
+    return max(1, min(triton.cdiv(2 * sms, programs), blocks // 4, 128))
+
+
+def use_split_kv(p: _Problem, q, k, v, attn_mask, dropout_p) -> bool:
+    """The documented dispatch rule (module docstring)."""
+    if p.max_seqlen_q > DECODE_MAX_QUERIES or attn_mask is not None or dropout_p > 0:
+        return False
+    if q.requires_grad or k.requires_grad or v.requires_grad:
+        return False
+    tiles = decode_tiles(arch_family(q.device), block_d(p.head_dim), q.dtype, p.max_seqlen_k)
+    return decode_splits(p, q.device, tiles) >= 2
+
+
+def _decode(p, q, k, v, out, lse, scalars, flags, pointers, alibi_stride, tiles: Tiles) -> None:
+    """Split kernel into float32 partials (splits, rows, heads, head_dim) and (splits, rows, heads),
+    then the merge kernel into out and lse."""
+    num_splits = decode_splits(p, q.device, tiles)
+    blocks = triton.cdiv(p.max_seqlen_k, tiles.block_n)
+    split_len = triton.cdiv(blocks, num_splits) * tiles.block_n
+    num_splits = triton.cdiv(p.max_seqlen_k, split_len)
+    rows = q.shape[0] if p.varlen else p.batch * p.seqlen_q
+    out_part = new_output((num_splits, rows, p.heads, p.head_dim), torch.float32, q.device)
+    lse_part = new_output((num_splits, rows, p.heads), torch.float32, q.device)
+    row_chunks = triton.cdiv((p.heads // p.kv_heads) * p.max_seqlen_q, tiles.block_m)
+    attention_decode_split_kernel[(num_splits, p.batch * p.kv_heads, row_chunks)](
+        q, k, v, out_part, lse_part, pointers["Alibi"], pointers["CuSeqlensQ"], pointers["CuSeqlensK"],
+        pointers["SequsedK"], *_row_strides(q, p.varlen), *_row_strides(k, p.varlen), *_row_strides(v, p.varlen),
+        out_part.stride(0), out_part.stride(1), out_part.stride(2), lse_part.stride(0), lse_part.stride(1),
+        alibi_stride, p.seqlen_q, p.seqlen_k, p.heads, p.kv_heads, p.head_dim, split_len,
+        scalars["scale"], scalars["softcap"], scalars["window_left"], scalars["window_right"],
+        scalars["bottom_right"], GROUP=flags["GROUP"], IS_VARLEN=p.varlen, HAS_SEQUSED=flags["HAS_SEQUSED"],
+        SOFTCAP=flags["SOFTCAP"], ALIBI=flags["ALIBI"], FP32_DOT=flags["FP32_DOT"], BLOCK_M=tiles.block_m,
+        BLOCK_N=tiles.block_n, BLOCK_D=block_d(p.head_dim), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    lb, lh, lm = _lse_strides(lse, p.varlen)
+    total = rows * p.heads
+    merge_attention_splits_kernel[(triton.cdiv(total, _ROWWISE_BLOCK_R),)](
+        out_part, lse_part, out, lse, out_part.stride(0), lse_part.stride(0), lb, lh, lm,
+        rows if p.varlen else p.seqlen_q, total, p.heads, p.head_dim, num_splits,
+        BLOCK_R=_ROWWISE_BLOCK_R, BLOCK_D=_ROWWISE_BLOCK_D, num_warps=4)
+
+
+# (row, head) pairs per program and head-dim chunk of the row-wise kernels (decode merge, delta)
+_ROWWISE_BLOCK_R = 16
+_ROWWISE_BLOCK_D = 64
 
 
 def _strides(name: str, t: torch.Tensor, varlen: bool) -> dict:
@@ -183,22 +324,18 @@ def backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, seqused_
     """dq, dk, dv (and the float mask's gradient). Deterministic whatever `deterministic` says:
     neither kernel uses atomics, so the reduction order is fixed."""
     p = _problem(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dq = new_output(q.shape, q.dtype, q.device)
+    dk = new_output(k.shape, k.dtype, k.device)
+    dv = new_output(v.shape, v.dtype, v.device)
     mask_grad = attn_mask_needs_grad and attn_mask is not None and attn_mask.dtype != torch.bool
     d_mask = torch.zeros(attn_mask.shape, dtype=attn_mask.dtype, device=q.device) if mask_grad \
         else q.new_empty((0,))
     if p.batch == 0 or p.heads == 0 or (p.max_seqlen_q == 0 and p.max_seqlen_k == 0):
         return dq.zero_(), dk.zero_(), dv.zero_(), d_mask
-    # delta = rowsum(dO * O) - dlse, laid out like lse. One fused read of dO and O in float32.
-    delta = (dout.float() * out.float()).sum(-1)
-    delta = delta.transpose(0, 1) if p.varlen else delta.transpose(1, 2)
-    if dlse is not None:
-        delta = delta - dlse
-    delta = delta.contiguous()
     lse = lse.contiguous()
+    out = out.contiguous()
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+    delta = _delta(p, dout, out, lse, dlse)
 
     scalars, flags, pointers, alibi_stride = _feature_args(
         p, q, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes, causal, causal_bottom_right, window_left,
@@ -206,29 +343,45 @@ def backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, seqused_
     mask_kind, mask_strides = _mask_args(attn_mask)
     dmask_strides = tuple(d_mask.stride()) if mask_grad else (0, 0, 0, 0)
     bd = block_d(p.head_dim)
-    tiles = tiles_for(_BACKWARD_TILES, arch_family(q.device), bd, q.dtype)
-    common = dict(**_strides("q", q, p.varlen), **_strides("k", k, p.varlen), **_strides("v", v, p.varlen),
-                  **_strides("do", dout, p.varlen),
+    tiles = candidates(_BACKWARD_TILES, _BACKWARD_ALTERNATIVES, arch_family(q.device), bd, q.dtype)
+    common = dict(Q=q, K=k, V=v, DO=dout, Lse=lse, Delta=delta, Mask=attn_mask if attn_mask is not None else q,
+                  **pointers, **_strides("q", q, p.varlen), **_strides("k", k, p.varlen),
+                  **_strides("v", v, p.varlen), **_strides("do", dout, p.varlen),
                   **dict(zip(("stride_lb", "stride_lh", "stride_lm"), _lse_strides(lse, p.varlen))),
                   **dict(zip(("stride_mb", "stride_mh", "stride_mm", "stride_mn"), mask_strides)),
-                  stride_ab=alibi_stride, num_heads=p.heads, **scalars, **flags, MASK_KIND=mask_kind,
-                  BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=bd, num_warps=tiles.num_warps,
-                  num_stages=tiles.num_stages)
-    mask_arg = attn_mask if attn_mask is not None else q
+                  stride_ab=alibi_stride, num_heads=p.heads, **scalars, **flags, MASK_KIND=mask_kind, BLOCK_D=bd)
     if p.max_seqlen_k > 0:
-        grid = (triton.cdiv(p.max_seqlen_k, tiles.block_n), p.batch * p.kv_heads)
-        attention_dkdv_kernel[grid](
-            q, k, v, dout, lse, delta, dk, dv, mask_arg, d_mask if mask_grad else q, **pointers,
-            **_strides("dk", dk, p.varlen), **_strides("dv", dv, p.varlen),
-            **dict(zip(("stride_dmb", "stride_dmh", "stride_dmm", "stride_dmn"), dmask_strides)),
-            num_kv_heads=p.kv_heads, MASK_GRAD=mask_grad, **common)
+        _launch(attention_dkdv_kernel, tiles, lambda meta: (triton.cdiv(p.max_seqlen_k, meta["BLOCK_N"]),
+                                                            p.batch * p.kv_heads),
+                DK=dk, DV=dv, DMask=d_mask if mask_grad else q,
+                **_strides("dk", dk, p.varlen), **_strides("dv", dv, p.varlen),
+                **dict(zip(("stride_dmb", "stride_dmh", "stride_dmm", "stride_dmn"), dmask_strides)),
+                num_kv_heads=p.kv_heads, MASK_GRAD=mask_grad, **common)
     else:
         dk.zero_(), dv.zero_()
     if p.max_seqlen_q > 0:
-        grid = (triton.cdiv(p.max_seqlen_q, tiles.block_m), p.batch * p.heads)
-        attention_dq_kernel[grid](q, k, v, dout, lse, delta, dq, mask_arg, **pointers,
-                                  **_strides("dq", dq, p.varlen), **common)
+        _launch(attention_dq_kernel, tiles, lambda meta: (triton.cdiv(p.max_seqlen_q, meta["BLOCK_M"]),
+                                                          p.batch * p.heads),
+                DQ=dq, **_strides("dq", dq, p.varlen), **common)
+    else:
+        dq.zero_()
     return dq, dk, dv, d_mask
+
+
+def _delta(p: _Problem, dout, out, lse, dlse) -> torch.Tensor:
+    """delta = rowsum(dO * O) - dlse, float32, laid out like lse (backward_delta_kernel)."""
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=lse.device)
+    rows = out.shape[0] if p.varlen else p.batch * p.seqlen_q
+    total = rows * p.heads
+    if total == 0:
+        return delta
+    dlse = dlse.float() if dlse is not None else None
+    dl_strides = _lse_strides(dlse, p.varlen) if dlse is not None else (0, 0, 0)
+    backward_delta_kernel[(triton.cdiv(total, _ROWWISE_BLOCK_R),)](
+        dout, out, dlse if dlse is not None else delta, delta, *_row_strides(dout, p.varlen),
+        *_lse_strides(delta, p.varlen), *dl_strides, rows if p.varlen else p.seqlen_q, total, p.heads,
+        p.head_dim, HAS_DLSE=dlse is not None, BLOCK_R=_ROWWISE_BLOCK_R, BLOCK_D=_ROWWISE_BLOCK_D, num_warps=4)
+    return delta
 
 
 # --------------------------------------------------------------------------- KV cache and test path
@@ -259,23 +412,39 @@ def dropout_mask(dropout_seed: torch.Tensor, batch: int, heads: int, max_seqlen_
 # --------------------------------------------------------------------------- ahead-of-time configurations
 
 def aot_configs():
-    """Every tile configuration the launchers can pick, per architecture family and dtype, compiled
-    with every feature on (the largest code; features change the code, not the tiles):
-    yields (kernel, signature, constexprs, warps, stages, archs)."""
+    """Every tile configuration the launchers can pick (the tables and the autotune alternatives),
+    per architecture family and dtype, compiled with every feature on (the largest code; features
+    change the code, not the tiles): yields (kernel, signature, constexprs, warps, stages, archs)."""
     archs = {"sm80": (80,), "sm86": (86,), "sm90": (90,)}     # sm_89 shares sm_86's table and limit
     dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
     for family in archs:
         for bd in _FORWARD_TILES[family]:
             for name, dtype in dtypes.items():
-                tiles = tiles_for(_FORWARD_TILES, family, bd, dtype)
-                yield (attention_forward_kernel, _signature(attention_forward_kernel, name),
-                       _constexprs(bd, tiles, name), tiles.num_warps, tiles.num_stages, archs[family])
-                tiles = tiles_for(_BACKWARD_TILES, family, bd, dtype)
-                constexprs = _constexprs(bd, tiles, name)
-                yield (attention_dq_kernel, _signature(attention_dq_kernel, name), constexprs,
-                       tiles.num_warps, tiles.num_stages, archs[family])
-                yield (attention_dkdv_kernel, _signature(attention_dkdv_kernel, name), dict(constexprs, MASK_GRAD=True),
-                       tiles.num_warps, tiles.num_stages, archs[family])
+                for tiles in candidates(_FORWARD_TILES, _FORWARD_ALTERNATIVES, family, bd, dtype):
+                    yield (attention_forward_kernel, _signature(attention_forward_kernel, name),
+                           _constexprs(bd, tiles, name), tiles.num_warps, tiles.num_stages, archs[family])
+                for tiles in candidates(_BACKWARD_TILES, _BACKWARD_ALTERNATIVES, family, bd, dtype):
+                    constexprs = _constexprs(bd, tiles, name)
+                    yield (attention_dq_kernel, _signature(attention_dq_kernel, name), constexprs,
+                           tiles.num_warps, tiles.num_stages, archs[family])
+                    yield (attention_dkdv_kernel, _signature(attention_dkdv_kernel, name),
+                           dict(constexprs, MASK_GRAD=True), tiles.num_warps, tiles.num_stages, archs[family])
+    # split-KV decode: sm_80 and sm_86 share a table (compiled for both limits), sm_90 its own
+    for family, family_archs in (("sm80", (80, 86)), ("sm90", (90,))):
+        for bd in _DECODE_TILES[family]:
+            for name, dtype in dtypes.items():
+                tiles = decode_tiles(family, bd, dtype)
+                yield (attention_decode_split_kernel, _signature(attention_decode_split_kernel, name),
+                       dict(GROUP=2, IS_VARLEN=False, HAS_SEQUSED=True, SOFTCAP=True, ALIBI=True,
+                            FP32_DOT=name == "fp32", BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=bd),
+                       tiles.num_warps, tiles.num_stages, family_archs)
+    # the row-wise kernels: one compile per dtype serves every head dim and architecture table
+    for name in dtypes:
+        rowwise = dict(BLOCK_R=_ROWWISE_BLOCK_R, BLOCK_D=_ROWWISE_BLOCK_D)
+        yield (merge_attention_splits_kernel, _signature(merge_attention_splits_kernel, name), rowwise, 4, 1,
+               (80, 90))
+        yield (backward_delta_kernel, _signature(backward_delta_kernel, name), dict(rowwise, HAS_DLSE=True), 4, 1,
+               (80, 90))
 
 
 def _constexprs(bd, tiles, dtype):
@@ -286,8 +455,9 @@ def _constexprs(bd, tiles, dtype):
 
 _SCALARS = {"seqlen_q": "i32", "seqlen_k": "i32", "max_seqlen_q": "i32", "max_seqlen_k": "i32", "num_heads": "i32",
             "num_kv_heads": "i32", "head_dim": "i32", "scale": "fp32", "softcap": "fp32", "window_left": "i32",
-            "window_right": "i32", "bottom_right": "i32", "dropout_p": "fp32", "seed": "i64"}
-_FP32_POINTERS = ("Lse", "Delta", "Alibi")
+            "window_right": "i32", "bottom_right": "i32", "dropout_p": "fp32", "seed": "i64", "split_len": "i32",
+            "rows_per_batch": "i32", "total": "i32", "num_splits": "i32"}
+_FP32_POINTERS = ("Lse", "Delta", "Alibi", "OutPart", "LsePart", "DLse")
 _INT_POINTERS = ("CuSeqlensQ", "CuSeqlensK", "SequsedK")
 
 

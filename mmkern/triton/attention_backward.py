@@ -18,14 +18,15 @@ Memory traffic: Q, dO, K, V read once per visiting tile pair; no L x L intermedi
 import triton
 import triton.language as tl
 
-from mmkern.triton.attention_scores import dot, dropout_keep, score_tile, sequence_bounds
+from mmkern.triton.attention_scores import dot, dropout_keep, log2_scales, score_tile, sequence_bounds
 
 
 @triton.jit
-def _probabilities(s, lse):
-    """exp(s - lse), 0 in rows that see no key (lse = -inf)."""
+def _probabilities(s2, lse):
+    """exp(s - lse) = exp2(s2 - lse log2(e)) with s2 = s log2(e) from score_tile; 0 in rows that see
+    no key (lse = -inf)."""
     seen = lse != float("-inf")
-    return tl.where(seen[:, None], tl.exp(s - tl.where(seen, lse, 0.0)[:, None]), 0.0)
+    return tl.where(seen[:, None], tl.exp2(s2 - (tl.where(seen, lse, 0.0) * 1.4426950408889634)[:, None]), 0.0)
 
 
 @triton.jit
@@ -60,6 +61,7 @@ def attention_dkdv_kernel(
                 + kv_head * stride_vh + dims[None, :], mask=kv_mask, other=0.0)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    qk_scale, softcap2 = log2_scales(scale, softcap)
 
     # query rows that can see this key tile: [lo, hi)
     lo = tl.maximum(n_start - align - window_right, 0)
@@ -70,7 +72,7 @@ def attention_dkdv_kernel(
         batch_head = batch * num_heads + head
         slope = 0.0
         if ALIBI:
-            slope = tl.load(Alibi + batch * stride_ab + head)
+            slope = tl.load(Alibi + batch * stride_ab + head) * 1.4426950408889634
         q_base = Q + batch.to(tl.int64) * stride_qb + q_start.to(tl.int64) * stride_qm + head * stride_qh
         do_base = DO + batch.to(tl.int64) * stride_dob + q_start.to(tl.int64) * stride_dom + head * stride_doh
         stat_base = batch.to(tl.int64) * stride_lb + head * stride_lh + q_start.to(tl.int64) * stride_lm
@@ -83,7 +85,7 @@ def attention_dkdv_kernel(
             delta = tl.load(Delta + stat_base + rows * stride_lm, mask=rows < q_len, other=0.0)
             mask_ptrs = Mask + batch.to(tl.int64) * stride_mb + head * stride_mh \
                 + rows[:, None].to(tl.int64) * stride_mm + cols[None, :] * stride_mn
-            s, tanh_s = score_tile(q, k, rows, cols, q_len, k_len, align, scale, softcap, slope, window_left,
+            s, tanh_s = score_tile(q, k, rows, cols, q_len, k_len, align, qk_scale, softcap2, slope, window_left,
                                    window_right, mask_ptrs, SOFTCAP, ALIBI, MASK_KIND, FP32_DOT)
             p = _probabilities(s, lse)
             dp = dot(do, tl.trans(v), FP32_DOT)
@@ -148,9 +150,10 @@ def attention_dq_kernel(
     k_base = K + batch.to(tl.int64) * stride_kb + k_start.to(tl.int64) * stride_kn + kv_head * stride_kh
     v_base = V + batch.to(tl.int64) * stride_vb + k_start.to(tl.int64) * stride_vn + kv_head * stride_vh
     mask_base = Mask + batch.to(tl.int64) * stride_mb + head * stride_mh + rows[:, None].to(tl.int64) * stride_mm
+    qk_scale, softcap2 = log2_scales(scale, softcap)
     slope = 0.0
     if ALIBI:
-        slope = tl.load(Alibi + batch * stride_ab + head)
+        slope = tl.load(Alibi + batch * stride_ab + head) * 1.4426950408889634
 
     lo = tl.maximum(m_start + align - window_left, 0)
     lo = (lo // BLOCK_N) * BLOCK_N
@@ -161,7 +164,7 @@ def attention_dq_kernel(
         kv_mask = (cols[:, None] < k_len) & (dims[None, :] < head_dim)
         k = tl.load(k_base + cols[:, None].to(tl.int64) * stride_kn + dims[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + cols[:, None].to(tl.int64) * stride_vn + dims[None, :], mask=kv_mask, other=0.0)
-        s, tanh_s = score_tile(q, k, rows, cols, q_len, k_len, align, scale, softcap, slope, window_left, window_right,
+        s, tanh_s = score_tile(q, k, rows, cols, q_len, k_len, align, qk_scale, softcap2, slope, window_left, window_right,
                                mask_base + cols[None, :] * stride_mn, SOFTCAP, ALIBI, MASK_KIND, FP32_DOT)
         p = _probabilities(s, lse)
         dp = dot(do, tl.trans(v), FP32_DOT)
@@ -186,3 +189,39 @@ def dropout_mask_kernel(Keep, seed, max_seqlen_q, max_seqlen_k, dropout_p,
     keep = dropout_keep(seed, batch_head, rows, cols, max_seqlen_q, max_seqlen_k, dropout_p)
     ptrs = Keep + (batch_head.to(tl.int64) * max_seqlen_q + rows[:, None]) * max_seqlen_k + cols[None, :]
     tl.store(ptrs, keep, mask=(rows[:, None] < max_seqlen_q) & (cols[None, :] < max_seqlen_k))
+
+
+@triton.jit
+def backward_delta_kernel(
+    DO, Out, DLse, Delta,
+    stride_dob, stride_dom, stride_doh, stride_lb, stride_lh, stride_lm, stride_dlb, stride_dlh, stride_dlm,
+    rows_per_batch, total, num_heads, head_dim,
+    HAS_DLSE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The backward's preprocess: Delta = rowsum(dO * O) - dLse, float32, laid out like lse.
+
+    Grid (cdiv(rows * heads, BLOCK_R),): BLOCK_R (row, head) pairs per program, row r of the flat
+    (batch * seqlen_q or total_q) rows sitting at (r // rows_per_batch, head, r % rows_per_batch) of
+    lse; head_dim in chunks of BLOCK_D (one compile serves every head dim). Out is contiguous
+    (rows, heads, head_dim); dO through its (batch, row, head) strides (batch stride 0 for varlen).
+    Memory traffic: dO and O read once, Delta written once."""
+    idx = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)        # row * num_heads + head
+    ok = idx < total
+    row = idx // num_heads
+    head = idx % num_heads
+    batch = (row // rows_per_batch).to(tl.int64)
+    pos = (row % rows_per_batch).to(tl.int64)
+    do_rows = DO + batch * stride_dob + pos * stride_dom + head * stride_doh
+    o_rows = Out + idx.to(tl.int64) * head_dim
+    dims0 = tl.arange(0, BLOCK_D)
+    acc = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+    for d_start in range(0, head_dim, BLOCK_D):
+        dims = d_start + dims0
+        io_mask = ok[:, None] & (dims[None, :] < head_dim)
+        do = tl.load(do_rows[:, None] + dims[None, :], mask=io_mask, other=0.0).to(tl.float32)
+        o = tl.load(o_rows[:, None] + dims[None, :], mask=io_mask, other=0.0).to(tl.float32)
+        acc += do * o
+    delta = tl.sum(acc, 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLse + batch * stride_dlb + head * stride_dlh + pos * stride_dlm, mask=ok, other=0.0)
+    tl.store(Delta + batch * stride_lb + head * stride_lh + pos * stride_lm, delta, mask=ok)

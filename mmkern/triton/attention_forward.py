@@ -7,13 +7,15 @@ h reads kv head h // GROUP) and keeps a running max m, running sum l and the out
     m' = max(m, rowmax(s));  l = l e^(m - m') + rowsum(e^(s - m'));  acc = acc e^(m - m') + dropout(e^(s - m')) v
     out = acc / l,  lse = m + log l         (a row that sees no key: out 0, lse -inf)
 
+computed in base 2 (s, m times log2(e), exp2; see attention_scores), lse stored in natural log.
+
 Memory traffic per program: q once, each visible K/V tile once, out and lse once: O(L) memory,
 no L x L intermediate. Dropout is applied to the probabilities that multiply V, not to l.
 """
 import triton
 import triton.language as tl
 
-from mmkern.triton.attention_scores import dot, dropout_keep, score_tile, sequence_bounds
+from mmkern.triton.attention_scores import dot, dropout_keep, log2_scales, score_tile, sequence_bounds
 
 
 @triton.jit
@@ -49,9 +51,10 @@ def attention_forward_kernel(
     k_base = K + batch.to(tl.int64) * stride_kb + k_start.to(tl.int64) * stride_kn + kv_head * stride_kh
     v_base = V + batch.to(tl.int64) * stride_vb + k_start.to(tl.int64) * stride_vn + kv_head * stride_vh
     mask_base = Mask + batch.to(tl.int64) * stride_mb + head * stride_mh + rows[:, None].to(tl.int64) * stride_mm
+    qk_scale, softcap2 = log2_scales(scale, softcap)
     slope = 0.0
     if ALIBI:
-        slope = tl.load(Alibi + batch * stride_ab + head)
+        slope = tl.load(Alibi + batch * stride_ab + head) * 1.4426950408889634
 
     # keys this block of rows can see: [lo, hi)
     lo = tl.maximum(m_start + align - window_left, 0)
@@ -65,12 +68,12 @@ def attention_forward_kernel(
         cols = n_start + cols0
         kv_mask = (cols[:, None] < k_len) & (dims[None, :] < head_dim)
         k = tl.load(k_base + cols[:, None].to(tl.int64) * stride_kn + dims[None, :], mask=kv_mask, other=0.0)
-        s, _ = score_tile(q, k, rows, cols, q_len, k_len, align, scale, softcap, slope, window_left, window_right,
+        s, _ = score_tile(q, k, rows, cols, q_len, k_len, align, qk_scale, softcap2, slope, window_left, window_right,
                           mask_base + cols[None, :] * stride_mn, SOFTCAP, ALIBI, MASK_KIND, FP32_DOT)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)    # rows that have seen nothing yet
-        p = tl.exp(s - m_safe[:, None])
-        rescale = tl.exp(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        rescale = tl.exp2(m_i - m_safe)
         l_i = l_i * rescale + tl.sum(p, 1)
         if DROPOUT:
             keep = dropout_keep(seed, batch_head, rows, cols, max_seqlen_q, max_seqlen_k, dropout_p)
@@ -81,7 +84,7 @@ def attention_forward_kernel(
 
     seen = l_i > 0
     out = tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0)
-    lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     o_ptrs = Out + batch.to(tl.int64) * stride_ob + (q_start + rows[:, None]).to(tl.int64) * stride_om \
         + head * stride_oh + dims[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(rows[:, None] < q_len) & (dims[None, :] < head_dim))

@@ -1,7 +1,7 @@
 """Triton building blocks shared by the attention forward and backward kernels.
 
-One tile of scores is recomputed in three places (forward, dK/dV, dQ); `score_tile` is the single
-definition of what a score is, so the three can never disagree:
+One tile of scores is recomputed in four places (forward, split-KV decode, dK/dV, dQ); `score_tile`
+is the single definition of what a score is, so they can never disagree:
 
     s = scale * q k^T                                 (BLOCK_M, BLOCK_N), float32 accumulation
     s = softcap * tanh(s / softcap)                   if SOFTCAP
@@ -9,6 +9,11 @@ definition of what a score is, so the three can never disagree:
     s += mask (MASK_KIND 2, float) / hide where mask is False (MASK_KIND 1, bool)
     s = -inf where the key is not visible: col >= k_len, row >= q_len, or outside the window
         [row + align - window_left, row + align + window_right]   (causal: window_right = 0)
+
+The tile comes back in base-2 units, s * log2(e), so the kernels exponentiate with exp2 (one MUFU
+instruction; exp is exp2 plus a multiply): log2(e) is folded into the scalars the caller passes
+(`log2_scales`: scale, softcap and ALiBi slope times log2(e)), the float mask is multiplied once.
+The log-sum-exp stays in natural log at the API: lse = (m2 + log2 l) ln 2.
 
 `align` is k_len - q_len for flash-attn's bottom-right alignment, 0 for torch SDPA's top-left.
 Unbounded windows arrive as a large number (UNBOUNDED), so the window test needs no branches.
@@ -36,10 +41,18 @@ def tanh(x):
 
 
 @triton.jit
+def log2_scales(scale, softcap):
+    """(scale, softcap) times log2(e): with them score_tile returns s * log2(e)."""
+    return scale * 1.4426950408889634, softcap * 1.4426950408889634
+
+
+@triton.jit
 def score_tile(q, k, rows, cols, q_len, k_len, align, scale, softcap, slope, window_left, window_right, mask_ptrs,
                SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, FP32_DOT: tl.constexpr):
-    """q (BLOCK_M, BLOCK_D), k (BLOCK_N, BLOCK_D), rows (BLOCK_M,), cols (BLOCK_N,).
-    Returns (s, tanh_s): masked float32 scores, and tanh(raw / softcap) for the softcap gradient."""
+    """q (BLOCK_M, BLOCK_D), k (BLOCK_N, BLOCK_D), rows (BLOCK_M,), cols (BLOCK_N,); scale, softcap and
+    slope (a scalar, or (BLOCK_M, 1) per row) already times log2(e) (see log2_scales).
+    Returns (s * log2(e), tanh_s): masked float32 scores in base 2, and tanh(raw / softcap) for the
+    softcap gradient."""
     s = dot(q, tl.trans(k), FP32_DOT) * scale
     tanh_s = s
     if SOFTCAP:
@@ -53,7 +66,7 @@ def score_tile(q, k, rows, cols, q_len, k_len, align, scale, softcap, slope, win
     if MASK_KIND == 1:
         visible &= tl.load(mask_ptrs, mask=in_bounds, other=0) != 0
     if MASK_KIND == 2:
-        s += tl.load(mask_ptrs, mask=in_bounds, other=0.0).to(tl.float32)
+        s += tl.load(mask_ptrs, mask=in_bounds, other=0.0).to(tl.float32) * 1.4426950408889634
     s = tl.where(visible, s, float("-inf"))
     return s, tanh_s
 

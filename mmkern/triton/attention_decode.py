@@ -1,0 +1,141 @@
+"""Triton split-KV attention forward (flash-decoding) for short queries against long keys.
+
+A decode step has Lq = 1..16 query rows per sequence: the normal forward's grid
+(cdiv(Lq, BLOCK_M), batch * heads) then holds a handful of programs, each walking the whole cache,
+and most of the GPU idles. Here the keys are cut into `num_splits` contiguous ranges and
+
+- `attention_decode_split_kernel`, grid (num_splits, batch * kv_heads, row_chunks): a program owns
+  one (sequence, kv head, key range) and BLOCK_M query rows of the GQA group packed together,
+  row r = qi * GROUP + g (query position qi, head kv_head * GROUP + g): each K/V tile is read once
+  for the whole group. It runs the forward's online softmax (base 2, see attention_scores) over
+  its key range and writes a partial output and log-sum-exp:
+      OutPart[split, row, head, :] = softmax over the range @ V  (float32, 0 if the range is empty)
+      LsePart[split, row, head]    = log-sum-exp over the range    (-inf if empty)
+- `merge_attention_splits_kernel`, grid (cdiv(rows * heads, BLOCK_R),): per (row, head)
+      lse = log sum_s exp(LsePart_s),   out = sum_s exp(LsePart_s - lse) OutPart_s
+  (a row whose every range is empty: out 0, lse -inf, as the normal forward).
+Memory traffic: K, V once per kv head (the group shares them), plus the partials:
+num_splits * rows * heads * (head_dim + 1) float32 written and read once; O(L) in every length.
+"""
+import triton
+import triton.language as tl
+
+from mmkern.triton.attention_scores import dot, log2_scales, score_tile, sequence_bounds
+
+
+@triton.jit
+def attention_decode_split_kernel(
+    Q, K, V, OutPart, LsePart, Alibi, CuSeqlensQ, CuSeqlensK, SequsedK,
+    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+    stride_ps, stride_pr, stride_ph, stride_ls, stride_lr, stride_ab,
+    seqlen_q, seqlen_k, num_heads, num_kv_heads, head_dim, split_len,
+    scale, softcap, window_left, window_right, bottom_right,
+    GROUP: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    split = tl.program_id(0)
+    batch = tl.program_id(1) // num_kv_heads
+    kv_head = tl.program_id(1) % num_kv_heads
+    q_start, q_len, k_start, k_len = sequence_bounds(batch, CuSeqlensQ, CuSeqlensK, SequsedK, seqlen_q, seqlen_k,
+                                                     IS_VARLEN, HAS_SEQUSED)
+    r_start = tl.program_id(2) * BLOCK_M
+    if r_start >= q_len * GROUP:
+        return
+    align = (k_len - q_len) * bottom_right
+
+    r = r_start + tl.arange(0, BLOCK_M)
+    qi = r // GROUP                                       # query position of each packed row
+    head = kv_head * GROUP + r % GROUP
+    row_ok = qi < q_len
+    dims = tl.arange(0, BLOCK_D)
+    cols0 = tl.arange(0, BLOCK_N)
+    q = tl.load(Q + batch.to(tl.int64) * stride_qb + (q_start + qi[:, None]).to(tl.int64) * stride_qm
+                + head[:, None] * stride_qh + dims[None, :], mask=row_ok[:, None] & (dims[None, :] < head_dim),
+                other=0.0)
+    k_base = K + batch.to(tl.int64) * stride_kb + k_start.to(tl.int64) * stride_kn + kv_head * stride_kh
+    v_base = V + batch.to(tl.int64) * stride_vb + k_start.to(tl.int64) * stride_vn + kv_head * stride_vh
+    qk_scale, softcap2 = log2_scales(scale, softcap)
+    slope = tl.zeros((BLOCK_M, 1), tl.float32)
+    if ALIBI:
+        slope = (tl.load(Alibi + batch * stride_ab + head, mask=row_ok, other=0.0) * 1.4426950408889634)[:, None]
+
+    # this split's keys, [split_lo, split_hi), cut to what the rows can see; split_len is a multiple
+    # of BLOCK_N, so tiles never straddle two splits
+    split_lo = split * split_len
+    split_hi = tl.minimum(split_lo + split_len, k_len)
+    qi_first = r_start // GROUP
+    qi_last = tl.minimum((r_start + BLOCK_M - 1) // GROUP, q_len - 1)
+    lo = tl.maximum(qi_first + align - window_left, split_lo)
+    lo = split_lo + ((lo - split_lo) // BLOCK_N) * BLOCK_N
+    hi = tl.minimum(qi_last + align + window_right + 1, split_hi)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for n_start in range(lo, hi, BLOCK_N):
+        cols = n_start + cols0
+        kv_mask = (cols[:, None] < split_hi) & (dims[None, :] < head_dim)
+        k = tl.load(k_base + cols[:, None].to(tl.int64) * stride_kn + dims[None, :], mask=kv_mask, other=0.0)
+        s, _ = score_tile(q, k, qi, cols, q_len, split_hi, align, qk_scale, softcap2, slope, window_left,
+                          window_right, Q, SOFTCAP, ALIBI, 0, FP32_DOT)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        rescale = tl.exp2(m_i - m_safe)
+        l_i = l_i * rescale + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None].to(tl.int64) * stride_vn + dims[None, :], mask=kv_mask, other=0.0)
+        acc = acc * rescale[:, None] + dot(p.to(v.dtype), v, FP32_DOT)
+        m_i = m_new
+
+    seen = l_i > 0
+    out = tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0)
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    # flat row: batch * seqlen_q + qi (dense), q_start + qi (varlen, where q_start already counts it)
+    flat = (batch * seqlen_q + q_start + qi).to(tl.int64)
+    o_ptrs = OutPart + split.to(tl.int64) * stride_ps + flat[:, None] * stride_pr + head[:, None] * stride_ph \
+        + dims[None, :]
+    tl.store(o_ptrs, out, mask=row_ok[:, None] & (dims[None, :] < head_dim))
+    tl.store(LsePart + split.to(tl.int64) * stride_ls + flat * stride_lr + head, lse, mask=row_ok)
+
+
+@triton.jit
+def merge_attention_splits_kernel(
+    OutPart, LsePart, Out, Lse,
+    stride_ps, stride_ls, stride_lb, stride_lh, stride_lm,
+    rows_per_batch, total, num_heads, head_dim, num_splits,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """OutPart (splits, rows, heads, head_dim) and LsePart (splits, rows, heads) float32, contiguous
+    within a split; Out (rows, heads, head_dim) contiguous; Lse at (row // rows_per_batch, head,
+    row % rows_per_batch) through its strides. BLOCK_R (row, head) pairs per program, head_dim in
+    chunks of BLOCK_D (one compile serves every head dim)."""
+    idx = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)        # row * num_heads + head
+    ok = idx < total
+    idx64 = idx.to(tl.int64)
+    m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    l = tl.zeros((BLOCK_R,), tl.float32)
+    for s in range(num_splits):
+        lse_s = tl.load(LsePart + s * stride_ls + idx64, mask=ok, other=float("-inf"))
+        m_new = tl.maximum(m, lse_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l = l * tl.exp(m - m_safe) + tl.exp(lse_s - m_safe)
+        m = m_new
+    seen = l > 0
+    lse = tl.where(seen, m + tl.log(tl.where(seen, l, 1.0)), float("-inf"))
+    lse_safe = tl.where(seen, lse, 0.0)
+    row = idx // num_heads
+    head = idx % num_heads
+    tl.store(Lse + (row // rows_per_batch).to(tl.int64) * stride_lb + head * stride_lh
+             + (row % rows_per_batch).to(tl.int64) * stride_lm, lse, mask=ok)
+    dims0 = tl.arange(0, BLOCK_D)
+    for d_start in range(0, head_dim, BLOCK_D):
+        dims = d_start + dims0
+        io_mask = ok[:, None] & (dims[None, :] < head_dim)
+        acc = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+        for s in range(num_splits):
+            lse_s = tl.load(LsePart + s * stride_ls + idx64, mask=ok, other=float("-inf"))
+            w = tl.where(seen, tl.exp(lse_s - lse_safe), 0.0)
+            o = tl.load(OutPart + s * stride_ps + idx64[:, None] * head_dim + dims[None, :], mask=io_mask, other=0.0)
+            acc += w[:, None] * o
+        tl.store(Out + idx64[:, None] * head_dim + dims[None, :], acc.to(Out.dtype.element_ty), mask=io_mask)
