@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# The one command for a GPU machine: build, every GPU test (CUDA backend first, then Triton), the
+# benchmark selection, and a report, in under 8 minutes on an H200. Run from the checkout:
+#
+#     PYTHONPATH=. scripts/gpu_check.sh [OUT_DIR]        default OUT_DIR: benchmarks/results/<date>-<gpu>/
+#     scripts/gpu_check.sh --dry-run [OUT_DIR]           on a CPU machine: everything up to the GPU steps
+#
+# Every step runs under `timeout` (budgets below: 480 s in all) and the script goes on after a failed
+# or timed-out step, so one hang cannot eat the GPU time; the exit status is 1 if any step failed.
+# OUT_DIR receives at most 6 files (easy to carry back):
+#     gpu_check.log   the output of every step;  summary.txt  one line per step: name, status, seconds
+#     bench.json      pytest-benchmark JSON (device, versions, ceilings in machine_info["mmkern"])
+#     report.md, tflops.png, gbps.png     `mmkern report bench.json` (the PNGs need matplotlib; without it
+#                     the report says so, and `mmkern report OUT_DIR/bench.json --out OUT_DIR` redraws them
+#                     on any machine that has it)
+#
+# Steps (dry run: what it does instead)
+#   env          nvidia-smi, mmkern info, tool versions    (tools present: timeout, nvcc, python, torch, triton,
+#                                                           pytest, pytest-benchmark, matplotlib; every module
+#   build        MMKERN_CUDA_ARCHS=<this GPU> python -m     imported; mmkern info; the build command's options)
+#                mmkern build; a failed build is logged, and the Triton steps still run
+#   tests_cuda   pytest on the CUDA backend's tests: tests/test_native_*.py, tests/test_cuda_*.py
+#   tests_triton pytest on every other test file (the Triton backend, the ops, modules, GPU-only sync
+#                tests), except tests/test_triton_aot.py (a CPU compile job that CI already runs)
+#                (dry run: both collected with --collect-only, in one process)
+#   bench        MMKERN_BENCH_SIZES=quick pytest benchmarks --benchmark-only, without torch_compile rows
+#                (each compile costs 10-40 s; the full suite has them)  (a tiny timed CPU run, which
+#                                                                         collects the whole suite first)
+#   report       mmkern report bench.json --out OUT_DIR                (the same, on the tiny CPU run)
+set -uo pipefail
+
+DRY_RUN=0
+if [[ "${1:-}" == "--dry-run" ]]; then DRY_RUN=1; shift; fi
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+command -v "$PY" >/dev/null || PY=python
+
+if [[ $DRY_RUN == 1 ]]; then
+    OUT="${1:-${TMPDIR:-/tmp}/mmkern-gpu-check-dry-run}"
+else
+    GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' ' '-' | tr -cd 'A-Za-z0-9_.-')
+    OUT="${1:-benchmarks/results/$(date -u +%Y-%m-%d)-${GPU:-gpu}}"
+fi
+mkdir -p "$OUT"
+LOG="$OUT/gpu_check.log"
+SUMMARY="$OUT/summary.txt"
+: >"$LOG"
+: >"$SUMMARY"
+FAILED=0
+
+# step NAME SECONDS COMMAND...: run under timeout (SIGINT first, so pytest still writes its JSON), log it
+step() {
+    local name=$1 seconds=$2
+    shift 2
+    local start=$SECONDS status
+    echo "== $name (limit ${seconds}s): $*" | tee -a "$LOG"
+    timeout -s INT -k 20 "$seconds" "$@" >>"$LOG" 2>&1
+    local rc=$?
+    case $rc in
+        0) status=ok ;;
+        124|130|137) status="TIMEOUT after ${seconds}s"; FAILED=1 ;;
+        *) status="FAILED rc=$rc"; FAILED=1 ;;
+    esac
+    printf '%-14s %-24s %4ss\n' "$name" "$status" $((SECONDS - start)) | tee -a "$SUMMARY"
+    echo "== $name: $status" >>"$LOG"
+    return 0
+}
+
+# The CUDA backend's test files, then every other one (Triton and the rest), minus the AOT compile job.
+CUDA_TESTS=$(ls tests/test_native_*.py tests/test_cuda_*.py 2>/dev/null | tr '\n' ' ')
+OTHER_TESTS=$(ls tests/test_*.py | grep -v -e '^tests/test_native_' -e '^tests/test_cuda_' \
+              -e '^tests/test_triton_aot.py$' | tr '\n' ' ')
+PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rfEs)
+# Per-test time limit and parallel workers when the plugins are there (the H200 image has both).
+"$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST+=(-p pytest_timeout --timeout=120)
+XDIST=()
+"$PY" -c "import xdist" 2>/dev/null && [[ $DRY_RUN == 0 ]] && XDIST=(-n 8)
+BENCH_SELECT=(-k "not torch_compile")
+BENCH_OPTS=(--benchmark-only --benchmark-group-by=group --benchmark-max-time=0.1 --benchmark-min-rounds=5
+            --benchmark-columns=median,rounds --benchmark-sort=name)
+
+if [[ $DRY_RUN == 1 ]]; then
+    echo "gpu_check.sh --dry-run: checking every step short of the GPU ones; output in $OUT" | tee -a "$LOG"
+    # tools, versions, every module the GPU run imports, `mmkern info`, and the build command's parser
+    step env 90 bash -c "command -v timeout && { command -v nvcc && nvcc --version | tail -1 || echo 'nvcc: not on \
+PATH (the build step will say so)'; } && $PY -c 'import sys, argparse, torch, triton, pytest, pytest_benchmark
+import mmkern, mmkern.bench, mmkern.bench.report, mmkern.bench.cli, mmkern.triton.aot_report, mmkern.build, mmkern.cli
+print(\"torch\", torch.__version__, \"triton\", triton.__version__, \"pytest-benchmark\", pytest_benchmark.__version__)
+try:
+    import matplotlib; print(\"matplotlib\", matplotlib.__version__)
+except ImportError:
+    print(\"matplotlib: not installed (the report is written without plots)\")
+mmkern.build.add_arguments(argparse.ArgumentParser())
+sys.exit(mmkern.cli.main([\"info\"]))'"
+    # both test steps' files collected in one pytest process (a GPU run runs them in two)
+    step tests_collect 150 "${PYTEST[@]}" --collect-only $CUDA_TESTS $OTHER_TESTS
+    # pytest collects every benchmark file before -k deselects, so this also checks the whole suite's
+    # collection; the selected rows run for real, at tiny sizes, through the same fixture and JSON
+    step bench 180 env MMKERN_BENCH_SIZES=quick "${PYTEST[@]}" benchmarks \
+        -k "(device_copy or sdpa_math) and not decode and not bwd and not diffusion" \
+        "${BENCH_OPTS[@]}" --benchmark-max-time=0.01 --benchmark-min-rounds=2 --benchmark-json="$OUT/bench.json"
+    step report 120 "$PY" -m mmkern report "$OUT/bench.json" --out "$OUT"
+else
+    step env 30 bash -c "nvidia-smi && $PY -m mmkern info && $PY -c 'import torch; assert torch.cuda.is_available(), \
+\"torch sees no GPU\"; print(torch.cuda.get_device_name(), torch.cuda.get_device_capability())'"
+    ARCH=$("$PY" -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}{n}')" 2>/dev/null)
+    if [[ -z "$ARCH" ]]; then
+        echo "gpu_check.sh: torch sees no CUDA GPU here; on a CPU machine run scripts/gpu_check.sh --dry-run" | tee -a "$LOG"
+        exit 2
+    fi
+    step build 100 env MMKERN_CUDA_ARCHS="${ARCH:-90}" "$PY" -m mmkern build
+    if [[ -n "$CUDA_TESTS" ]]; then
+        step tests_cuda 50 "${PYTEST[@]}" "${XDIST[@]}" $CUDA_TESTS
+    else
+        echo "== tests_cuda: no CUDA-backend test files (tests/test_native_*.py, tests/test_cuda_*.py)" | tee -a "$LOG"
+    fi
+    step tests_triton 140 "${PYTEST[@]}" "${XDIST[@]}" $OTHER_TESTS
+    step bench 140 env MMKERN_BENCH_SIZES=quick "${PYTEST[@]}" benchmarks "${BENCH_SELECT[@]}" "${BENCH_OPTS[@]}" \
+        --benchmark-json="$OUT/bench.json"
+    step report 20 "$PY" -m mmkern report "$OUT/bench.json" --out "$OUT"
+fi
+
+echo "files in $OUT: $(ls "$OUT" | tr '\n' ' ')" | tee -a "$LOG"
+cat "$SUMMARY"
+exit $FAILED
