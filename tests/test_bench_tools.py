@@ -191,14 +191,11 @@ def test_aot_report_on_one_filtered_configuration(tmp_path):
     assert "| _euler_add_noise_kernel | fp32 | sm_90 |" in out.stdout and "1 compiled, 0 failed" in out.stdout
 
 
-def test_aot_report_refuses_the_interpreter_and_selects_nothing_for_an_unknown_filter(monkeypatch):
+def test_aot_report_refuses_the_interpreter(monkeypatch):
     import argparse
 
     from mmkern.triton import aot_report
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     parser = argparse.ArgumentParser()
     aot_report.add_arguments(parser)
-    assert aot_report.main(parser.parse_args(["--list"])) == 2
-    assert aot_report.select(["no_such_kernel"], [80, 90], None) == []
-    assert aot_report.select(["_euler_add_noise_kernel"], [90], 2) and \
-        all(arch == 90 for _, arch in aot_report.select(["_euler_add_noise_kernel"], [90], 2))
+    assert aot_report.main(parser.parse_args(["--list"])) == 2      # the interpreter replaces the compiler
