@@ -1,0 +1,88 @@
+"""TinyText2Image: text encoder + DiT denoiser, trained and sampled with mmkern's diffusion ops.
+
+Training (epsilon prediction, Ho et al. 2020):
+    t ~ U{0..T-1}, noise ~ N(0, I), x_t = mmkern.diffusion.add_noise(x_0, noise, t, a)
+    loss = mmkern.diffusion.diffusion_loss(denoiser(x_t, t, text), x_0, noise, t, a)     (mean squared error)
+A fraction `cond_drop` of captions is replaced by "" so the model also learns the unconditional
+prediction, which classifier-free guidance (Ho & Salimans 2022) needs at sampling time.
+Sampling: DDIM (eta = 0) over `steps` trailing timesteps T-1, T-1-T/steps, ..., with
+    eps = eps("") + guidance * (eps(caption) - eps(""))
+and each step one mmkern.diffusion.ddim_step (x_0 prediction clipped to [-1, 1], the image range).
+The noise schedule is mmkern.diffusion.NoiseSchedule (cosine by default: better than linear for small images).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import mmkern
+from mmkern.diffusion import NoiseSchedule
+from mmkern.models.denoiser import DiTDenoiser
+from mmkern.models.text_encoder import TextEncoder
+from mmkern.models.tokenizer import WordTokenizer
+
+
+class TinyText2Image(nn.Module):
+    def __init__(self, captions: list[str], image_size: int = 16, channels: int = 3, patch: int = 4, dim: int = 96,
+                 depth: int = 3, heads: int = 4, text_dim: int = 32, text_layers: int = 2, max_text_len: int = 6,
+                 num_train_timesteps: int = 1000, beta_schedule: str = "squaredcos_cap_v2"):
+        super().__init__()
+        self.tokenizer = WordTokenizer(captions)
+        self.max_text_len = max_text_len
+        self.text_encoder = TextEncoder(len(self.tokenizer), max_text_len, text_dim, text_layers, heads)
+        self.denoiser = DiTDenoiser(image_size, channels, patch, dim, depth, heads, text_dim)
+        self.schedule = NoiseSchedule(num_train_timesteps, beta_schedule=beta_schedule)
+        # the table the kernels read (float32: they compute coefficients in float32 anyway); moves with .to()
+        self.register_buffer("alphas_cumprod", self.schedule.alphas_cumprod.float(), persistent=False)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.schedule.num_train_timesteps
+
+    def encode_text(self, captions: list[str]):
+        ids, keep = self.tokenizer(captions, self.max_text_len)
+        device = self.alphas_cumprod.device
+        ids, keep = ids.to(device), keep.to(device)
+        states, pooled = self.text_encoder(ids, keep)
+        return states, keep, pooled
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        """The predicted noise (B, C, H, W) for noisy images x_t at timesteps t (B,) under `captions`."""
+        states, keep, pooled = self.encode_text(captions)
+        return self.denoiser(x_t, t, states, keep, pooled)
+
+    def loss(self, images: torch.Tensor, captions: list[str], cond_drop: float = 0.1,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """The diffusion training loss on clean images (B, C, H, W) in [-1, 1]: a 0-d float32 tensor."""
+        B, device = images.shape[0], images.device
+        t = torch.randint(0, self.num_train_timesteps, (B,), device=device, generator=generator)
+        noise = torch.randn(images.shape, device=device, dtype=images.dtype, generator=generator)
+        drop = torch.rand(B, generator=generator) < cond_drop
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        x_t = mmkern.diffusion.add_noise(images, noise, t, self.alphas_cumprod)
+        return mmkern.diffusion.diffusion_loss(self(x_t, t, captions), images, noise, t, self.alphas_cumprod)
+
+    def sampling_timesteps(self, steps: int) -> list[int]:
+        """DDIM's trailing spacing: T-1, T-1-T/steps, ... (starts at pure noise whatever `steps`)."""
+        if not 1 <= steps <= self.num_train_timesteps:
+            raise ValueError(f"TinyText2Image.sample: steps must be in 1..{self.num_train_timesteps}, got {steps}")
+        ratio = self.num_train_timesteps / steps
+        return [round(self.num_train_timesteps - i * ratio) - 1 for i in range(steps)]
+
+    @torch.no_grad()
+    def sample(self, captions: list[str], steps: int = 25, guidance: float = 3.0,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1], one per caption, by DDIM with classifier-free guidance."""
+        d = self.denoiser
+        B, device = len(captions), self.alphas_cumprod.device
+        x = torch.randn(B, d.channels, d.image_size, d.image_size, generator=generator).to(device)
+        states, keep, pooled = self.encode_text(list(captions) + [""] * B)    # conditional | unconditional
+        timesteps = self.sampling_timesteps(steps)
+        for i, t in enumerate(timesteps):
+            prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1         # -1: the end, a_prev = 1
+            t_batch = torch.full((2 * B,), t, dtype=torch.int64, device=device)
+            eps_cond, eps_uncond = d(torch.cat([x, x]), t_batch, states, keep, pooled).chunk(2)
+            eps = eps_uncond + guidance * (eps_cond - eps_uncond)
+            x, _ = mmkern.diffusion.ddim_step(eps, t, x, self.alphas_cumprod, prev, final_alpha_cumprod=1.0,
+                                              clip_sample=True, clip_sample_range=1.0)
+        return x.clamp(-1, 1)
