@@ -53,39 +53,42 @@ def skip_unless_backend(name: str) -> None:
         pytest.skip(f"mmkern's {name} backend is not usable here: " + ("; ".join(reasons) or "no kernels"))
 
 
-def _ceilings():
-    if DEVICE not in _MEASURED:
-        _MEASURED[DEVICE] = measure_ceilings(DEVICE)
-    return _MEASURED[DEVICE]
+def _ceilings(device):
+    if device not in _MEASURED:
+        _MEASURED[device] = measure_ceilings(device)
+    return _MEASURED[device]
 
 
 _CLOCK = {}
 
 
-def _clock():
-    if DEVICE not in _CLOCK:
-        _CLOCK[DEVICE] = timing.clock_for(DEVICE)
-    return _CLOCK[DEVICE]
+def _clock(device):
+    if device not in _CLOCK:
+        _CLOCK[device] = timing.clock_for(device)
+    return _CLOCK[device]
 
 
 @pytest.fixture
 def bench(benchmark):
-    """bench(fn, *args, flops=None, bytes=None, setup=None, flush_l2=None, **extra_info) -> fn's result.
+    """bench(fn, *args, flops=None, bytes=None, setup=None, flush_l2=None, device=DEVICE, **extra_info)
+    -> fn's result.
 
-    Times fn(*args) (or fn(*setup()) with fresh arguments each round) in device time after a
+    Times fn(*args) (or fn(*setup()) with fresh arguments each round) in `device` time after a
     warm-up, and records the rates in benchmark.extra_info. flush_l2 defaults to True for
-    memory-bound results (bytes given without flops)."""
-    def run(fn, *args, flops=None, bytes=None, setup=None, flush_l2=None, **extra_info):
-        benchmark.extra_info.update(extra_info, device=device_name(DEVICE))
+    memory-bound results (bytes given without flops). device="cpu" times CPU work with the host
+    clock (and CPU ceilings) even on a machine with a GPU."""
+    def run(fn, *args, flops=None, bytes=None, setup=None, flush_l2=None, device=DEVICE, **extra_info):
+        on_gpu = torch.device(device).type == "cuda"
+        benchmark.extra_info.update(extra_info, device=device_name(device))
         if benchmark.disabled:                    # --benchmark-disable: one call, a smoke test
             if setup:
                 return benchmark.pedantic(fn, setup=lambda: (setup(), {}))
             return benchmark.pedantic(fn, args=args)
-        clock = _clock()
+        clock = _clock(device)
         benchmark._timer = clock                  # pytest-benchmark reads this clock around every round
         if flush_l2 is None:
             flush_l2 = bool(bytes) and not flops
-        flush = timing.L2Flusher(DEVICE) if flush_l2 and ON_GPU else None
+        flush = timing.L2Flusher(device) if flush_l2 and on_gpu else None
         estimate = timing.warm_up(fn, args, clock, setup=setup)
         rounds = timing.choose_rounds(estimate, benchmark._max_time, benchmark._min_rounds)
         if flush or setup:
@@ -96,10 +99,10 @@ def bench(benchmark):
             result = benchmark.pedantic(fn, setup=round_setup, rounds=rounds)
         else:
             # several calls per round when one is short, so launch gaps do not dominate
-            iterations = max(1, min(100, int(1e-4 / max(estimate, 1e-9)))) if ON_GPU else 1
+            iterations = max(1, min(100, int(1e-4 / max(estimate, 1e-9)))) if on_gpu else 1
             result = benchmark.pedantic(fn, args=args, rounds=max(benchmark._min_rounds, rounds // iterations),
                                         iterations=iterations)
-        benchmark.extra_info.update(counts.rates(benchmark.stats.stats.median, flops, bytes, _ceilings()))
+        benchmark.extra_info.update(counts.rates(benchmark.stats.stats.median, flops, bytes, _ceilings(device)))
         return result
     return run
 
@@ -116,4 +119,6 @@ def pytest_benchmark_update_machine_info(config, machine_info):
             "backends": mmkern.available_backends()}
     if DEVICE in _MEASURED:
         info["ceilings"] = _MEASURED[DEVICE].as_dict()
+    if ON_GPU and "cpu" in _MEASURED:           # CPU rows (device="cpu") were timed too
+        info["cpu_ceilings"] = _MEASURED["cpu"].as_dict()
     machine_info["mmkern"] = info
