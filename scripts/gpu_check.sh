@@ -73,7 +73,7 @@ OTHER_TESTS=$(ls tests/test_*.py | grep -v -e '^tests/test_native_' -e '^tests/t
               -e '^tests/test_triton_aot.py$' | tr '\n' ' ')
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rfEs)
 # Per-test time limit and parallel workers when the plugins are there (the H200 image has both).
-"$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST+=(-p pytest_timeout --timeout=120)
+"$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout=120)
 XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && [[ $DRY_RUN == 0 ]] && XDIST=(-n 8)
 BENCH_SELECT=(-k "not torch_compile")
