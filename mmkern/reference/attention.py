@@ -90,7 +90,7 @@ def _alibi_bias(slopes: torch.Tensor, q_lens, k_lens, Lq: int, Lk: int, dtype) -
     """(B, H, Lq, Lk): -slope * |i + k_len - q_len - j| (flash-attn's bottom-right ALiBi)."""
     B = q_lens.shape[0]
     slopes = slopes.to(dtype)
-    slopes = slopes.view(1, -1, 1, 1) if slopes.dim() == 1 else slopes.view(B, -1, 1, 1)
+    slopes = slopes.view(1, -1, 1, 1) if slopes.dim() == 1 else slopes.view(B, slopes.shape[-1], 1, 1)  # B may be 0
     i = torch.arange(Lq, device=q_lens.device).view(1, 1, Lq, 1)
     j = torch.arange(Lk, device=q_lens.device).view(1, 1, 1, Lk)
     distance = (i + (k_lens - q_lens).view(-1, 1, 1, 1) - j).abs().to(dtype)

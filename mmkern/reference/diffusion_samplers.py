@@ -48,6 +48,8 @@ def predict_x0_and_epsilon(model_output, sample, a, prediction_type):
 def dynamic_threshold(x0: torch.Tensor, ratio: float, sample_max_value: float) -> torch.Tensor:
     """Imagen's dynamic thresholding: s = clamp(quantile(|x0|, ratio) per sample, 1, max); x0 -> clamp(x0, -s, s) / s."""
     flat = x0.reshape(x0.shape[0], -1)
+    if flat.shape[1] == 0:              # samples with no elements: nothing to threshold (quantile needs one)
+        return x0.clone()
     # torch.quantile takes float32/float64 only: half-precision x0 is upcast for it (as diffusers does)
     q = torch.quantile(flat.abs() if flat.dtype in (torch.float32, torch.float64) else flat.abs().float(), ratio, dim=1)
     s = q.to(flat.dtype).clamp(1, sample_max_value).unsqueeze(1)
