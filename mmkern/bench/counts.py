@@ -42,6 +42,11 @@ def attention_decode_bytes(batch: int, heads: int, kv_heads: int, seqlen_q: int,
     return (2 * batch * kv_heads * cache_len * head_dim + 2 * batch * heads * seqlen_q * head_dim) * itemsize
 
 
+def _sig(x: float, digits: int = 4) -> float:
+    """x to `digits` significant figures (CPU rates are tiny, GPU ones large: fixed decimals fit neither)."""
+    return float(f"{x:.{digits}g}")
+
+
 def rates(seconds: float, flops: float | None = None, bytes_moved: float | None = None,
           ceilings: Ceilings | None = None) -> dict:
     """extra_info entries for one result timed at `seconds` (the median round):
@@ -51,15 +56,15 @@ def rates(seconds: float, flops: float | None = None, bytes_moved: float | None 
         return info
     if flops:
         info["flops"] = float(flops)
-        info["TFLOP/s"] = round(flops / seconds / 1e12, 4)
+        info["TFLOP/s"] = _sig(flops / seconds / 1e12)
         if ceilings is not None:
-            info["fraction_of_matmul"] = round(flops / seconds / 1e12 / ceilings.matmul_tflops, 4)
+            info["fraction_of_matmul"] = _sig(flops / seconds / 1e12 / ceilings.matmul_tflops)
     if bytes_moved:
         info["bytes"] = float(bytes_moved)
-        info["GB/s"] = round(bytes_moved / seconds / 1e9, 3)
+        info["GB/s"] = _sig(bytes_moved / seconds / 1e9)
         if ceilings is not None:
-            info["fraction_of_copy"] = round(bytes_moved / seconds / 1e9 / ceilings.copy_gbps, 4)
+            info["fraction_of_copy"] = _sig(bytes_moved / seconds / 1e9 / ceilings.copy_gbps)
     if ceilings is not None:
-        info["ceiling_copy_GB/s"] = round(ceilings.copy_gbps, 2)
-        info["ceiling_matmul_TFLOP/s"] = round(ceilings.matmul_tflops, 4)
+        info["ceiling_copy_GB/s"] = _sig(ceilings.copy_gbps)
+        info["ceiling_matmul_TFLOP/s"] = _sig(ceilings.matmul_tflops)
     return info
