@@ -8,6 +8,17 @@
 
 #include "diffusion/diffusion_math.h"
 
+// Dispatch on the samples' dtype: one instantiation per sample dtype: Float, Half, BFloat16 (float64 is the reference backend's).
+#define MMKERN_DISPATCH_SAMPLES(TYPE, OP, ...)                                                          \
+  [&] {                                                                                                 \
+    switch (TYPE) {                                                                                     \
+      case at::kFloat: { using scalar_t = float; return __VA_ARGS__(); }                                \
+      case at::kHalf: { using scalar_t = at::Half; return __VA_ARGS__(); }                              \
+      case at::kBFloat16: { using scalar_t = at::BFloat16; return __VA_ARGS__(); }                      \
+      default: TORCH_CHECK(false, OP, ": unsupported sample dtype ", TYPE);                             \
+    }                                                                                                   \
+  }()
+
 namespace mmkern_diffusion {
 
 inline void check_device(const char* op, const char* name, const at::Tensor& t, const at::Device& device) {

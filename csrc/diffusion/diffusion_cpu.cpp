@@ -84,16 +84,6 @@ inline Vec clamp(const Vec& x, float lo, float hi) {
   return at::vec::minimum(at::vec::maximum(x, Vec(lo)), Vec(hi));
 }
 
-// One instantiation per sample dtype: Float, Half, BFloat16 (float64 is the reference backend's).
-#define MMKERN_DISPATCH_SAMPLES(TYPE, OP, ...)                                                          \
-  [&] {                                                                                                 \
-    switch (TYPE) {                                                                                     \
-      case at::kFloat: { using scalar_t = float; return __VA_ARGS__(); }                                \
-      case at::kHalf: { using scalar_t = at::Half; return __VA_ARGS__(); }                              \
-      case at::kBFloat16: { using scalar_t = at::BFloat16; return __VA_ARGS__(); }                      \
-      default: TORCH_CHECK(false, OP, ": unsupported sample dtype ", TYPE);                             \
-    }                                                                                                   \
-  }()
 
 void check_cpu(const char* op, const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor for the CPU kernel, got ", t.device());

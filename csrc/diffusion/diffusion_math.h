@@ -18,6 +18,17 @@
 
 namespace mmkern_diffusion {
 
+// a / b. On the GPU the fast division (__fdividef: <= 2 ulp for |b| < 2^126; the table's denominators are far
+// inside that range): IEEE division's slow-path subroutine, next to sqrt's, makes ptxas save registers around
+// the calls (reported as spills). The per-element divisions are multiplications by per-sample reciprocals.
+MMKERN_HD float fdiv(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdividef(a, b);
+#else
+  return a / b;
+#endif
+}
+
 // Prediction types of the ops (strings in the op schemas, ints inside the kernels).
 enum Prediction : int { kEpsilon = 0, kVPrediction = 1, kSample = 2 };
 // DDPM variance types, in mmkern/triton/diffusion_samplers.py's VARIANCE order.
@@ -62,9 +73,9 @@ MMKERN_HD LossCoef loss_coefficients(float a, int prediction, float snr_gamma) {
   LossCoef c;
   // the min-SNR forms without divisions that give inf / NaN at a = 0 or 1 (denominators >= 1e-30)
   if (snr_gamma > 0.0f) {
-    if (prediction == kEpsilon) c.w = fminf(snr_gamma * (1.0f - a) / fmaxf(a, 1e-30f), 1.0f);
+    if (prediction == kEpsilon) c.w = fminf(fdiv(snr_gamma * (1.0f - a), fmaxf(a, 1e-30f)), 1.0f);
     else if (prediction == kVPrediction) c.w = fminf(a, snr_gamma * (1.0f - a));
-    else c.w = fminf(a / fmaxf(1.0f - a, 1e-30f), snr_gamma);
+    else c.w = fminf(fdiv(a, fmaxf(1.0f - a, 1e-30f)), snr_gamma);
   } else {
     c.w = 1.0f;
   }
@@ -77,6 +88,7 @@ MMKERN_HD LossCoef loss_coefficients(float a, int prediction, float snr_gamma) {
 // ---- DDPM / DDIM: everything that depends on the sample's (t, t_prev) only
 struct AlphaCoef {
   float sqrt_a, sqrt_b;        // sqrt(a_t), sqrt(1 - a_t)
+  float inv_sqrt_a, inv_sqrt_b;   // their reciprocals (the GPU kernels multiply by them)
   float c_x0, c_s;             // DDPM posterior mean: c_x0 * x0 + c_s * sample; DDIM: sqrt(a_prev) x0 + c_s eps
   float std;                   // fixed DDPM std, or DDIM's eta * sigma_t (0 where no noise is added)
   float log_current_beta, log_variance;   // learned_range's two log variances
@@ -92,10 +104,12 @@ MMKERN_HD AlphaCoef ddpm_coefficients(float a, float a_prev, int64_t t, int vari
   c.sqrt_a = sqrtf(a);
   const float beta = 1.0f - a, beta_prev = 1.0f - a_prev;
   c.sqrt_b = sqrtf(beta);
-  const float current_alpha = a / a_prev, current_beta = 1.0f - current_alpha;
-  c.c_x0 = sqrtf(a_prev) * current_beta / beta;
-  c.c_s = sqrtf(current_alpha) * beta_prev / beta;
-  const float variance = fmaxf(beta_prev / beta * current_beta, 1e-20f);
+  c.inv_sqrt_a = fdiv(1.0f, c.sqrt_a);
+  c.inv_sqrt_b = fdiv(1.0f, c.sqrt_b);
+  const float current_alpha = fdiv(a, a_prev), current_beta = 1.0f - current_alpha;
+  c.c_x0 = fdiv(sqrtf(a_prev) * current_beta, beta);
+  c.c_s = fdiv(sqrtf(current_alpha) * beta_prev, beta);
+  const float variance = fmaxf(fdiv(beta_prev, beta) * current_beta, 1e-20f);
   c.std = variance_type <= kFixedSmallLog ? sqrtf(variance) : sqrtf(current_beta);   // learned*: per element
   c.log_current_beta = logf(current_beta);
   c.log_variance = logf(variance);
@@ -108,7 +122,9 @@ MMKERN_HD AlphaCoef ddim_coefficients(float a, float a_prev, float eta) {
   c.sqrt_a = sqrtf(a);
   const float beta = 1.0f - a, beta_prev = 1.0f - a_prev;
   c.sqrt_b = sqrtf(beta);
-  c.std = eta * sqrtf((beta_prev / beta) * (1.0f - a / a_prev));
+  c.inv_sqrt_a = fdiv(1.0f, c.sqrt_a);
+  c.inv_sqrt_b = fdiv(1.0f, c.sqrt_b);
+  c.std = eta * sqrtf(fdiv(beta_prev, beta) * (1.0f - fdiv(a, a_prev)));
   c.c_x0 = sqrtf(a_prev);
   c.c_s = sqrtf(fmaxf(1.0f - a_prev - c.std * c.std, 0.0f));
   c.log_current_beta = c.log_variance = 0.0f;
@@ -129,9 +145,9 @@ MMKERN_HD EulerCoef euler_coefficients(float sigma, float sigma_next, float gamm
   c.sigma = sigma;
   c.sigma_hat = sigma * (churn + 1.0f);
   c.lift = s_noise * sqrtf(c.sigma_hat * c.sigma_hat - sigma * sigma);
-  c.v_mo = -sigma / sqrtf(sigma * sigma + 1.0f);
-  c.v_s = 1.0f / (sigma * sigma + 1.0f);
-  c.step = (sigma_next - c.sigma_hat) / c.sigma_hat;
+  c.v_mo = fdiv(-sigma, sqrtf(sigma * sigma + 1.0f));
+  c.v_s = fdiv(1.0f, sigma * sigma + 1.0f);
+  c.step = fdiv(sigma_next - c.sigma_hat, c.sigma_hat);
   return c;
 }
 
