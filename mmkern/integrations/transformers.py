@@ -88,7 +88,7 @@ def mmkern_mask(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offset
     transformers' own boolean 4D SDPA mask. attention_mask: (batch, >= kv_offset + kv_length) bool.
     """
     if q_length is None and cache_position is not None:  # transformers 4.53 - 4.5x pass cache_position
-        q_length, q_offset = cache_position.shape[0], cache_position[0]
+        q_length, q_offset = cache_position.shape[0], int(cache_position[0]) if cache_position.numel() else 0
     known = _known_mask_functions()
     if mask_function is None and _masking is not None:
         mask_function = _masking.causal_mask_function
@@ -112,6 +112,9 @@ def mmkern_mask(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offset
         padding = torch.nn.functional.pad(padding, (0, kv_length - padding.shape[-1]), value=False)
     if bool(padding.all()):
         return None
+    # The pattern's causality travels with the mask: some models (GPT-2 in transformers 4.5x) pass
+    # is_causal=False whenever a mask is given, SDPA's convention for a mask that already holds it.
+    padding.mmkern_causal = causal
     return padding
 
 
@@ -197,6 +200,17 @@ def _varlen_with_padding(module, q, k, v, padding, causal, window, **kw):
     return out.reshape(B, Lq, H, out.shape[-1])
 
 
+def _as_key_padding(mask: torch.Tensor) -> torch.Tensor | None:
+    """(B, 1, 1, Lk) mask that keeps or drops whole keys -> (B, Lk) bool (True = keep); else None."""
+    if mask.shape[1] != 1 or mask.shape[2] != 1:
+        return None
+    mask = mask[:, 0, 0, :]
+    if mask.dtype == torch.bool:
+        return mask
+    dropped = mask <= torch.finfo(mask.dtype).min / 2
+    return ~dropped if bool(((mask == 0) | dropped).all()) else None
+
+
 def mmkern_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                              is_causal: bool | None = None, sliding_window: int | None = None,
@@ -207,7 +221,19 @@ def mmkern_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     k/v). Returns (out (B, Lq, H, D), None), as every transformers attention function.
     """
     _check_kwargs(module, kwargs, dropout)
-    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
+    module_causal = bool(getattr(module, "is_causal", False))
+    causal = bool(is_causal if is_causal is not None else module_causal)
+    if attention_mask is not None and attention_mask.dim() == 4:
+        padding = _as_key_padding(attention_mask)
+        if padding is not None:  # older models' "extended" masks: (B, 1, 1, Lk), 0 = keep, most negative = drop
+            attention_mask = padding
+            causal = bool(is_causal) or module_causal
+    if attention_mask is not None and attention_mask.dim() == 2:
+        # a key-padding mask holds no causality: take it from the mask function that built it (mmkern_mask),
+        # else from the module, whatever an SDPA-minded caller passed as is_causal
+        causal = getattr(attention_mask, "mmkern_causal", None)
+        if causal is None:
+            causal = bool(is_causal) or module_causal
     H, H_kv = query.shape[1], key.shape[1]
     if H % H_kv:
         raise ValueError(f"mmkern attention in {_layer_name(module)}: {H} query heads are not a multiple of "
@@ -265,6 +291,25 @@ def _fused_norm(ln: nn.LayerNorm, dropout_p: float, prenorm: bool) -> LayerNormR
     return fused
 
 
+def _legacy_bert_self_attention_forward(self, hidden_states, attention_mask=None, head_mask=None,
+                                        encoder_hidden_states=None, past_key_values=None, output_attentions=False,
+                                        cache_position=None, past_key_value=None, **kwargs):
+    """BERT self-attention of transformers 4.x (which calls torch's SDPA itself, not AttentionInterface):
+    the encoder case (no cache, no cross-attention), on mmkern. Returns (out (B, L, hidden), None)."""
+    for value, what in ((head_mask, "a head_mask"), (encoder_hidden_states, "cross-attention"),
+                        (past_key_values if past_key_values is not None else past_key_value, "a KV cache"),
+                        (output_attentions or None, "output_attentions=True")):
+        if value is not None:
+            raise ValueError(f"mmkern attention in {_layer_name(self)}: {what} is not supported for BERT on "
+                             f"transformers {transformers.__version__} (encoder self-attention only)")
+    B, L, _ = hidden_states.shape
+    q, k, v = (lin(hidden_states).view(B, L, self.num_attention_heads, self.attention_head_size).transpose(1, 2)
+               for lin in (self.query, self.key, self.value))
+    out, _ = mmkern_attention_forward(self, q, k, v, attention_mask, dropout=self.dropout.p if self.training else 0.0,
+                                      is_causal=False)
+    return out.reshape(B, L, self.all_head_size), None
+
+
 def _bert_output_forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
     """LayerNorm(dropout(dense(h)) + input) in one fused kernel (dropout inside LayerNorm, training only)."""
     return self.LayerNorm(self.dense(hidden_states), input_tensor)
@@ -286,12 +331,15 @@ def _swap_class(module: nn.Module, forward, tag: str) -> None:
 
 
 def _gpt2_block_layout(block_cls) -> str:
-    """'tensor' (transformers 5: the block returns hidden_states) or 'tuple' (4.x: (hidden_states, present, ...))."""
+    """What the block returns: 'tensor' (transformers 5: hidden_states), 'weights' (4.5x: (hidden_states,) plus
+    the attention weights with output_attentions) or 'present' (older 4.x: (hidden_states, present, ...))."""
     src = inspect.getsource(block_cls.forward)
     if "return hidden_states" in src:
         return "tensor"
+    if "outputs = (hidden_states,)\n" in src:
+        return "weights"
     if "outputs = (hidden_states,) + outputs[1:]" in src:
-        return "tuple"
+        return "present"
     raise ValueError(f"apply_mmkern: transformers {transformers.__version__}'s {block_cls.__name__}.forward has a "
                      f"layout the fused residual + LayerNorm does not know; call apply_mmkern(model, fuse_norms=False) "
                      f"to use mmkern attention only")
@@ -321,6 +369,8 @@ def _make_gpt2_block_forward(block_cls):
         out = residual + self.mlp(normed)
         if layout == "tensor":
             return out
+        if layout == "weights":
+            return (out,) + (rest[:1] if named.get("output_attentions") else ())
         return (out,) + rest if named.get("use_cache") else (out,) + rest[1:]
 
     return forward
@@ -335,7 +385,7 @@ def _uses_attention_interface(module: nn.Module) -> bool:
 
 def _set_attn_implementation(model: nn.Module) -> None:
     setter = getattr(model, "set_attn_implementation", None)
-    if setter is not None:
+    if setter is not None and getattr(model, "_supports_attention_backend", True):
         setter(NAME)
     else:  # older transformers: the config field is what every layer reads
         model.config._attn_implementation = NAME
@@ -354,11 +404,18 @@ def _apply_bert(model: nn.Module, fuse_norms: bool) -> None:
                          f"inside attention, which mmkern's kernels do not take; only 'absolute' is supported")
     for name, module in list(model.named_modules()):
         if isinstance(module, (mb.BertSelfAttention, getattr(mb, "BertCrossAttention", mb.BertSelfAttention))):
-            if not _uses_attention_interface(module):
-                raise ValueError(f"apply_mmkern: {name} ({type(module).__name__}) in transformers "
-                                 f"{transformers.__version__} does not call AttentionInterface; mmkern attention "
-                                 f"needs a transformers whose BERT does (>= 4.53)")
             module._mmkern_name = name
+            if not _uses_attention_interface(module) and not getattr(type(module), "_mmkern_fused", False):
+                # transformers 4.x: the layer calls torch's SDPA itself; give it an mmkern forward instead
+                if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+                    raise ValueError(f"apply_mmkern: {name}: BERT as a decoder on transformers "
+                                     f"{transformers.__version__} is not supported (its attention does not call "
+                                     f"AttentionInterface); encoder BERT is")
+                _swap_class(module, _legacy_bert_self_attention_forward, "legacy_bert_attention")
+        if isinstance(getattr(module, "attn_implementation", None), str):
+            # transformers 4.x BertModel picks its mask format from this (fixed at construction): with a name
+            # other than "sdpa" it builds the (B, 1, 1, L) key-padding mask, which reaches mmkern as varlen
+            module.attn_implementation = NAME
         if (fuse_norms and isinstance(module, (mb.BertSelfOutput, mb.BertOutput))
                 and not getattr(type(module), "_mmkern_fused", False)):
             module.LayerNorm = _fused_norm(module.LayerNorm, module.dropout.p, prenorm=False)
