@@ -21,7 +21,8 @@
 #                mmkern build; a failed build is logged, and the Triton steps still run
 #   tests_cuda   pytest on the CUDA backend's tests: tests/test_native_*.py, tests/test_cuda_*.py
 #   tests_triton pytest on every other test file (the Triton backend, the ops, modules, GPU-only sync
-#                tests), except tests/test_triton_aot.py (a CPU compile job that CI already runs)
+#                tests), except tests/test_triton_aot.py (a CPU compile job that CI already runs) and
+#                the test that runs this script's dry run
 #                (dry run: both collected with --collect-only, in one process)
 #   bench        MMKERN_BENCH_SIZES=quick pytest benchmarks --benchmark-only, without torch_compile rows
 #                (each compile costs 10-40 s; the full suite has them)  (a tiny timed CPU run, which
@@ -115,7 +116,9 @@ else
     else
         echo "== tests_cuda: no CUDA-backend test files (tests/test_native_*.py, tests/test_cuda_*.py)" | tee -a "$LOG"
     fi
-    step tests_triton 140 "${PYTEST[@]}" "${XDIST[@]}" $OTHER_TESTS
+    # (the dry-run test would run this script's CPU rehearsal inside the GPU run: left to CI)
+    step tests_triton 140 "${PYTEST[@]}" "${XDIST[@]}" $OTHER_TESTS \
+        --deselect tests/test_bench_tools.py::test_gpu_check_dry_run_goes_start_to_end_on_a_cpu
     step bench 140 env MMKERN_BENCH_SIZES=quick "${PYTEST[@]}" benchmarks "${BENCH_SELECT[@]}" "${BENCH_OPTS[@]}" \
         --benchmark-json="$OUT/bench.json"
     step report 20 "$PY" -m mmkern report "$OUT/bench.json" --out "$OUT"
