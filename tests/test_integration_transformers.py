@@ -267,3 +267,31 @@ def test_padding_in_the_middle_with_a_sliding_window_is_refused():
     with pytest.raises(ValueError, match=r"test\.attn: a sliding window with padding in the middle"):
         with mmkern.backend("reference"):
             mmt.mmkern_attention_forward(_module(True), q, q, q, padding, sliding_window=2)
+
+
+def test_gemma2_softcap_sliding_window_and_gqa_through_the_attention_interface(monkeypatch):
+    """Any model on AttentionInterface runs with set_attn_implementation("mmkern"): Gemma-2 has GQA, logit
+    softcapping and sliding-window layers; with padding they reach the kernel as flags + varlen."""
+    config = transformers.Gemma2Config(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, sliding_window=4, attn_logit_softcapping=5.0, max_position_embeddings=64,
+        attn_implementation="eager", pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    eager = transformers.Gemma2ForCausalLM(config).eval()
+    model = copy.deepcopy(eager)
+    model.set_attn_implementation("mmkern")
+
+    def no_dense(*args, **kwargs):
+        raise AssertionError("a dense mask reached mmkern.scaled_dot_product_attention")
+
+    monkeypatch.setattr(mmkern, "scaled_dot_product_attention", no_dense)
+    ids = torch.randint(3, 100, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    mask[2, :5] = 0
+    ids = ids * mask
+    with torch.no_grad(), mmkern.backend("reference"):
+        got, want = model(ids, attention_mask=mask).logits, eager(ids, attention_mask=mask).logits
+        torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-5, atol=1e-5)
+        kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False)  # decoding past the window of 4
+        assert torch.equal(model.generate(ids, **kwargs), eager.generate(ids, **kwargs))

@@ -79,42 +79,74 @@ def _known_mask_functions() -> dict:
     return known
 
 
+def _pattern(mask_function, local_size) -> tuple[bool, int | None] | None:
+    """(is_causal, sliding window or None) of a mask function mmkern's kernel expresses by its flags, else None.
+
+    The plain causal / bidirectional functions are recognised by identity; a sliding-window causal
+    function (a closure) by probing it on a small index grid: it must equal
+    (kv <= q) & (q - kv < window) with window = local_size, transformers' convention."""
+    known = _known_mask_functions()
+    if mask_function in known:
+        return known[mask_function], None
+    if not isinstance(local_size, int) or isinstance(local_size, bool) or local_size < 1:
+        return None
+    n = local_size + 3
+    q_idx, kv_idx = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    try:
+        got = mask_function(torch.zeros((), dtype=torch.long), torch.zeros((), dtype=torch.long), q_idx, kv_idx)
+        got = torch.as_tensor(got).expand(n, n)
+    except Exception:  # a function that indexes tensors (packed sequences, image tokens): not a plain pattern
+        return None
+    want = (kv_idx <= q_idx) & (q_idx - kv_idx < local_size)
+    return (True, local_size) if torch.equal(got.to(torch.bool), want) else None
+
+
 def mmkern_mask(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offset=0, mask_function=None,
-                attention_mask=None, allow_is_causal_skip=True, cache_position=None, **kwargs):
+                attention_mask=None, allow_is_causal_skip=True, cache_position=None, local_size=None, **kwargs):
     """transformers' AttentionMaskInterface entry for "mmkern".
 
     Returns None (no padding: the kernel's causal flag, or nothing, is the whole mask), the 2D
-    key-padding mask (batch, kv_length) bool, or, for patterns a padding mask cannot express,
-    transformers' own boolean 4D SDPA mask. attention_mask: (batch, >= kv_offset + kv_length) bool.
+    key-padding mask (batch, kv_length) bool tagged with the pattern (.mmkern_causal,
+    .mmkern_window), or, for patterns a padding mask cannot express, transformers' own boolean 4D
+    SDPA mask. attention_mask: (batch, >= kv_offset + kv_length), 1/True = a real token.
+    Queries q_offset .. q_offset + q_length - 1 and keys kv_offset .. kv_offset + kv_length - 1 are
+    absolute positions; the kernel aligns the last query with the last key, so a causal pattern
+    takes the fast path only when q_offset + q_length == kv_offset + kv_length (a DynamicCache).
     """
     if q_length is None and cache_position is not None:  # transformers 4.53 - 4.5x pass cache_position
         q_length, q_offset = cache_position.shape[0], int(cache_position[0]) if cache_position.numel() else 0
-    known = _known_mask_functions()
     if mask_function is None and _masking is not None:
         mask_function = _masking.causal_mask_function
-    causal = known.get(mask_function)
-    aligned = (isinstance(q_offset, int) and isinstance(kv_offset, int) and kv_offset == 0
-               and (causal is False or q_offset + q_length == kv_length))
-    if causal is None or not aligned:
+    pattern = _pattern(mask_function, local_size)
+    aligned = pattern is not None and isinstance(q_offset, int) and isinstance(kv_offset, int) and (
+        (not pattern[0] and kv_offset == 0) or (pattern[0] and q_offset + q_length == kv_offset + kv_length))
+    if not aligned:
         sdpa_kwargs = dict(batch_size=batch_size, kv_length=kv_length, kv_offset=kv_offset,
                            mask_function=mask_function, attention_mask=attention_mask,
-                           allow_is_causal_skip=allow_is_causal_skip, **kwargs)
+                           allow_is_causal_skip=allow_is_causal_skip, local_size=local_size, **kwargs)
         if cache_position is not None:
             sdpa_kwargs["cache_position"] = cache_position
         else:
             sdpa_kwargs.update(q_length=q_length, q_offset=q_offset)
         return _masking.sdpa_mask(**sdpa_kwargs)
+    causal, window = pattern
+    device = kwargs.get("device", attention_mask.device if attention_mask is not None else "cpu")
     if attention_mask is None:
-        return None
-    # keys kv_offset .. kv_offset + kv_length - 1 of the 2D mask, padded with False past its end (static cache)
-    padding = attention_mask[:, kv_offset:kv_offset + kv_length].to(torch.bool)
-    if padding.shape[-1] < kv_length:
-        padding = torch.nn.functional.pad(padding, (0, kv_length - padding.shape[-1]), value=False)
-    if bool(padding.all()):
-        return None
-    # The pattern's causality travels with the mask: some models (GPT-2 in transformers 4.5x) pass
-    # is_causal=False whenever a mask is given, SDPA's convention for a mask that already holds it.
+        if window is None:
+            return None
+        padding = torch.ones(batch_size, kv_length, dtype=torch.bool, device=device)
+    else:
+        # keys kv_offset .. kv_offset + kv_length - 1 of the 2D mask, False past its end
+        padding = attention_mask[:, kv_offset:kv_offset + kv_length].to(torch.bool)
+        if padding.shape[-1] < kv_length:
+            padding = torch.nn.functional.pad(padding, (0, kv_length - padding.shape[-1]), value=False)
+        if window is None and bool(padding.all()):
+            return None
+    # The pattern travels with the mask: some models (GPT-2 in transformers 4.5x) pass is_causal=False
+    # whenever a mask is given (SDPA's convention for a mask that already holds causality), and a
+    # sliding window must reach the kernel even when nothing is padded.
     padding.mmkern_causal = causal
+    padding.mmkern_window = window
     return padding
 
 
@@ -234,6 +266,8 @@ def mmkern_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
         causal = getattr(attention_mask, "mmkern_causal", None)
         if causal is None:
             causal = bool(is_causal) or module_causal
+        if sliding_window is None:
+            sliding_window = getattr(attention_mask, "mmkern_window", None)
     H, H_kv = query.shape[1], key.shape[1]
     if H % H_kv:
         raise ValueError(f"mmkern attention in {_layer_name(module)}: {H} query heads are not a multiple of "
