@@ -116,7 +116,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--sample-steps", type=int, default=25, help="DDIM steps when sampling")
-    parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    parser.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale")
     parser.add_argument("--samples-per-caption", type=int, default=6)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: the model's ops are too small to share out)")

@@ -1,12 +1,14 @@
 """TinyText2Image: text encoder + DiT denoiser, trained and sampled with mmkern's diffusion ops.
 
-Training (epsilon prediction, Ho et al. 2020):
+Training (v-prediction by default, Salimans & Ho 2022: the target sqrt(a) noise - sqrt(1 - a) x_0 stays
+well scaled at every t, so a model trained for a few minutes already gives clean samples; "epsilon"
+and "sample" work too):
     t ~ U{0..T-1}, noise ~ N(0, I), x_t = mmkern.diffusion.add_noise(x_0, noise, t, a)
-    loss = mmkern.diffusion.diffusion_loss(denoiser(x_t, t, text), x_0, noise, t, a)     (mean squared error)
+    loss = mmkern.diffusion.diffusion_loss(denoiser(x_t, t, text), x_0, noise, t, a, prediction_type)   (MSE)
 A fraction `cond_drop` of captions is replaced by "" so the model also learns the unconditional
 prediction, which classifier-free guidance (Ho & Salimans 2022) needs at sampling time.
 Sampling: DDIM (eta = 0) over `steps` trailing timesteps T-1, T-1-T/steps, ..., with
-    eps = eps("") + guidance * (eps(caption) - eps(""))
+    out = out("") + guidance * (out(caption) - out(""))         (out: the model's prediction)
 and each step one mmkern.diffusion.ddim_step (x_0 prediction clipped to [-1, 1], the image range).
 The noise schedule is mmkern.diffusion.NoiseSchedule (cosine by default: better than linear for small images).
 """
@@ -25,8 +27,13 @@ from mmkern.models.tokenizer import WordTokenizer
 class TinyText2Image(nn.Module):
     def __init__(self, captions: list[str], image_size: int = 16, channels: int = 3, patch: int = 4, dim: int = 96,
                  depth: int = 3, heads: int = 4, text_dim: int = 32, text_layers: int = 2, max_text_len: int = 6,
-                 num_train_timesteps: int = 1000, beta_schedule: str = "squaredcos_cap_v2"):
+                 num_train_timesteps: int = 1000, beta_schedule: str = "squaredcos_cap_v2",
+                 prediction_type: str = "v_prediction"):
         super().__init__()
+        if prediction_type not in mmkern.diffusion.PREDICTION_TYPES:
+            raise ValueError(f"TinyText2Image: prediction_type must be one of {mmkern.diffusion.PREDICTION_TYPES}, "
+                             f"got {prediction_type!r}")
+        self.prediction_type = prediction_type
         self.tokenizer = WordTokenizer(captions)
         self.max_text_len = max_text_len
         self.text_encoder = TextEncoder(len(self.tokenizer), max_text_len, text_dim, text_layers, heads)
@@ -47,7 +54,8 @@ class TinyText2Image(nn.Module):
         return states, keep, pooled
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, captions: list[str]) -> torch.Tensor:
-        """The predicted noise (B, C, H, W) for noisy images x_t at timesteps t (B,) under `captions`."""
+        """The model's prediction (B, C, H, W) (noise, velocity or clean image, per prediction_type) for noisy
+        images x_t at timesteps t (B,) under `captions`."""
         states, keep, pooled = self.encode_text(captions)
         return self.denoiser(x_t, t, states, keep, pooled)
 
@@ -60,7 +68,8 @@ class TinyText2Image(nn.Module):
         drop = torch.rand(B, generator=generator) < cond_drop
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         x_t = mmkern.diffusion.add_noise(images, noise, t, self.alphas_cumprod)
-        return mmkern.diffusion.diffusion_loss(self(x_t, t, captions), images, noise, t, self.alphas_cumprod)
+        return mmkern.diffusion.diffusion_loss(self(x_t, t, captions), images, noise, t, self.alphas_cumprod,
+                                               self.prediction_type)
 
     def sampling_timesteps(self, steps: int) -> list[int]:
         """DDIM's trailing spacing: T-1, T-1-T/steps, ... (starts at pure noise whatever `steps`)."""
@@ -81,8 +90,9 @@ class TinyText2Image(nn.Module):
         for i, t in enumerate(timesteps):
             prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1         # -1: the end, a_prev = 1
             t_batch = torch.full((2 * B,), t, dtype=torch.int64, device=device)
-            eps_cond, eps_uncond = d(torch.cat([x, x]), t_batch, states, keep, pooled).chunk(2)
-            eps = eps_uncond + guidance * (eps_cond - eps_uncond)
-            x, _ = mmkern.diffusion.ddim_step(eps, t, x, self.alphas_cumprod, prev, final_alpha_cumprod=1.0,
-                                              clip_sample=True, clip_sample_range=1.0)
+            out_cond, out_uncond = d(torch.cat([x, x]), t_batch, states, keep, pooled).chunk(2)
+            out = out_uncond + guidance * (out_cond - out_uncond)
+            x, _ = mmkern.diffusion.ddim_step(out, t, x, self.alphas_cumprod, prev, final_alpha_cumprod=1.0,
+                                              prediction_type=self.prediction_type, clip_sample=True,
+                                              clip_sample_range=1.0)
         return x.clamp(-1, 1)

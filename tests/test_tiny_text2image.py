@@ -1,0 +1,139 @@
+"""The tiny text-to-image model: shapes, gradients, every attention and norm on mmkern's ops, sampling,
+and the example script end to end in a few steps."""
+import importlib.util
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+import mmkern
+from mmkern.models import DiTDenoiser, TextEncoder, TinyText2Image, WordTokenizer
+
+CAPTIONS = ["a red square", "a blue circle", "a green triangle"]
+SMALL = dict(dim=32, depth=2, heads=2, text_dim=16, text_layers=1, num_train_timesteps=100)
+EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "train_tiny_text2image.py")
+
+
+@pytest.fixture(autouse=True)
+def _reference_backend_one_thread():
+    """The model on the reference backend, one thread: without a GPU the tests run Triton through its
+    interpreter, where auto dispatch would pick it (minutes per training step); whether mmkern's ops
+    are used does not depend on the backend, and each backend is checked against the reference op by op
+    in the kernel tests (and on real models in test_integration_diffusers.py)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with mmkern.backend("reference"):
+        yield
+    torch.set_num_threads(threads)
+
+
+def _op_counts(fn):
+    """{profiler event name: count} while fn() runs (custom ops show as 'mmkern::<op>')."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    counts = {}
+    for event in prof.events():
+        counts[event.name] = counts.get(event.name, 0) + 1
+    return counts
+
+
+def test_tokenizer():
+    tok = WordTokenizer(CAPTIONS)
+    ids, keep = tok(["a red square", "", "a purple square of red"], max_len=4)
+    assert ids.shape == keep.shape == (3, 4) and ids.dtype == torch.int64
+    assert keep.tolist() == [[True] * 4, [True, False, False, False], [True] * 4]
+    assert ids[0, 0] == ids[1, 0] == tok.index["[CLS]"]
+    assert ids[2, 2] == tok.index["[UNK]"]                     # "purple" was not in the captions
+    assert ids[0, 1:].tolist() == [tok.index[w] for w in ("a", "red", "square")]
+    with pytest.raises(TypeError, match="list of captions"):
+        tok("a red square", 4)
+
+
+def test_forward_backward_shapes():
+    model = TinyText2Image(CAPTIONS, **SMALL)
+    x_t = torch.randn(3, 3, 16, 16)
+    out = model(x_t, torch.tensor([0, 50, 99]), ["a red square", "", "a blue circle"])
+    assert out.shape == x_t.shape and out.dtype == torch.float32
+    loss = model.loss(torch.rand(4, 3, 16, 16) * 2 - 1, CAPTIONS + ["a red circle"])
+    assert loss.shape == () and torch.isfinite(loss)
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.shape == p.shape and torch.isfinite(p.grad).all(), name
+    # adaLN-Zero: the output layer gets a gradient at once, and after one step so does the text encoder
+    assert model.denoiser.out.weight.grad.abs().sum() > 0
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt.step()
+    opt.zero_grad()
+    model.loss(torch.rand(4, 3, 16, 16) * 2 - 1, CAPTIONS + ["a red circle"], cond_drop=0.0).backward()
+    assert model.text_encoder.token.weight.grad.abs().sum() > 0
+    assert model.denoiser.blocks[0].cross_attn.to_kv.weight.grad.abs().sum() > 0
+
+
+def test_attention_and_norms_run_on_mmkern_ops(monkeypatch):
+    model = TinyText2Image(CAPTIONS, **SMALL)
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    holder, noised = {}, []
+    real_add_noise = mmkern.diffusion.add_noise
+    monkeypatch.setattr(mmkern.diffusion, "add_noise", lambda *a: noised.append(1) or real_add_noise(*a))
+    fwd = _op_counts(lambda: holder.setdefault("loss", model.loss(images, CAPTIONS[:2])))
+    assert noised == [1]
+    depth, text_layers = SMALL["depth"], SMALL["text_layers"]
+    # text: 1 self-attention per layer; denoiser: self + cross per block
+    assert fwd.get("mmkern::attention_forward") == text_layers + 2 * depth, fwd
+    # text: embedding norm + 2 per layer; denoiser: 3 per block + the final adaLN
+    assert fwd.get("mmkern::norm_residual_forward") == 1 + 2 * text_layers + 3 * depth + 1, fwd
+    assert fwd.get("mmkern::diffusion_loss") == 1, fwd
+    for torch_op in ("aten::layer_norm", "aten::native_layer_norm", "aten::scaled_dot_product_attention",
+                     "aten::_softmax", "aten::group_norm"):
+        assert torch_op not in fwd, f"{torch_op} ran: an attention or norm is not on mmkern"
+    bwd = _op_counts(lambda: holder["loss"].backward())
+    assert bwd.get("mmkern::attention_backward") == text_layers + 2 * depth, bwd
+    assert bwd.get("mmkern::norm_residual_backward") == 1 + 2 * text_layers + 3 * depth + 1, bwd
+    assert bwd.get("mmkern::diffusion_loss_backward") == 1, bwd
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon"])
+def test_sample_uses_mmkern_ddim(prediction_type):
+    model = TinyText2Image(CAPTIONS, prediction_type=prediction_type, **SMALL).eval()
+    assert model.sampling_timesteps(4) == [99, 74, 49, 24]
+    holder = {}
+    counts = _op_counts(lambda: holder.setdefault(
+        "x", model.sample(CAPTIONS, steps=4, generator=torch.Generator().manual_seed(1))))
+    x = holder["x"]
+    assert x.shape == (3, 3, 16, 16) and x.abs().max() <= 1
+    assert counts.get("mmkern::ddim_step") == 4, counts
+    again = model.sample(CAPTIONS, steps=4, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(again, x, rtol=0, atol=0)
+
+
+def test_bad_input():
+    model = TinyText2Image(CAPTIONS, **SMALL)
+    with pytest.raises(ValueError, match=r"x_t must be \(batch, 3, 16, 16\)"):
+        model(torch.randn(1, 3, 8, 8), torch.tensor([1]), ["a red square"])
+    with pytest.raises(ValueError, match="steps must be in 1..100"):
+        model.sample(["a red square"], steps=0)
+    with pytest.raises(ValueError, match="prediction_type"):
+        TinyText2Image(CAPTIONS, prediction_type="x0")
+    with pytest.raises(ValueError, match="multiple of patch"):
+        DiTDenoiser(image_size=10, patch=4)
+    with pytest.raises(ValueError, match="more than max_len"):
+        TextEncoder(10, max_len=2)(torch.zeros(1, 3, dtype=torch.int64), torch.ones(1, 3, dtype=torch.bool))
+
+
+def test_example_runs_end_to_end(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("train_tiny_text2image", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    images, captions = example.draw_shapes(5)
+    assert images.shape == (5, 3, 16, 16) and images.min() == -1 and len(captions) == 5
+    result = example.main(["--steps", "3", "--sample-steps", "2", "--samples-per-caption", "2", "--batch-size", "8",
+                           "--out", str(tmp_path)])
+    assert result["steps"] == 3
+    for key in ("samples", "loss", "data"):
+        with Image.open(result[key]) as img:
+            assert img.format == "PNG" and img.width > 100 and img.height > 100
+    with Image.open(result["samples"]) as img:        # a row per caption: 12 rows of 16 * 4 px + padding
+        assert img.height >= 12 * 64
+    out = capsys.readouterr().out
+    assert str(tmp_path) in out and "samples.png" in out and "loss.png" in out
