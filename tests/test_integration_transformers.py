@@ -295,3 +295,49 @@ def test_gemma2_softcap_sliding_window_and_gqa_through_the_attention_interface(m
         torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-5, atol=1e-5)
         kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False)  # decoding past the window of 4
         assert torch.equal(model.generate(ids, **kwargs), eager.generate(ids, **kwargs))
+
+
+def test_gpt2_generate_with_a_static_cache_uses_the_sdpa_drop_in(monkeypatch):
+    """A StaticCache holds more key slots than tokens seen, which the kernel's bottom-right causal flag cannot
+    express: transformers' boolean mask then goes to mmkern.scaled_dot_product_attention (same tokens)."""
+    base = tp.tiny_gpt2().float().eval()
+    patched = mmt.apply_mmkern(copy.deepcopy(base))
+    calls = []
+    real = mmkern.scaled_dot_product_attention
+    monkeypatch.setattr(mmkern, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids = torch.randint(3, 100, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                  cache_implementation="static")
+    with torch.no_grad(), mmkern.backend("reference"):
+        assert torch.equal(patched.generate(ids * mask, **kwargs), base.generate(ids * mask, **kwargs))
+    assert calls
+
+
+def test_dropout_in_training_is_fused_and_reproducible():
+    """resid_pdrop / hidden_dropout_prob move into the fused norms (train mode only), attention dropout reaches
+    the kernel: training outputs are random, reproducible from the seed, and eval mode is deterministic."""
+    gpt2 = tp.tiny_gpt2().float()
+    gpt2.config.attn_pdrop = 0.2
+    for block in gpt2.transformer.h:
+        block.attn.attn_dropout.p, block.attn.resid_dropout.p = 0.2, 0.2
+    gpt2 = mmt.apply_mmkern(gpt2)
+    assert gpt2.transformer.h[0].ln_2.dropout_p == 0.2
+    bert = mmt.apply_mmkern(tp.tiny_bert().float())
+    assert bert.bert.encoder.layer[0].output.LayerNorm.dropout_p == bert.config.hidden_dropout_prob
+    ids = torch.randint(3, 100, (2, 6))
+    with mmkern.backend("reference"):
+        gpt2.train()
+        torch.manual_seed(1)
+        a = gpt2(ids, labels=ids)
+        torch.manual_seed(1)
+        b = gpt2(ids).logits
+        torch.manual_seed(2)
+        c = gpt2(ids).logits
+        a.loss.backward()
+        gpt2.eval()
+        d, e = gpt2(ids).logits, gpt2(ids).logits
+    assert torch.equal(a.logits, b) and not torch.allclose(a.logits, c)
+    assert torch.equal(d, e) and not torch.allclose(a.logits, d)
+    assert all(torch.isfinite(p.grad).all() for p in gpt2.parameters() if p.grad is not None)
