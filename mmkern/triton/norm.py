@@ -132,6 +132,7 @@ def _norm_forward_kernel(x_ptr, residual_ptr, weight_ptr, bias_ptr, shift_ptr, s
         count = 0.0
         mean = 0.0
         m2 = 0.0
+        sum_squares = 0.0
         for start in range(0, N, BLOCK_N):
             c = start + cols
             in_row = c < N
@@ -146,6 +147,7 @@ def _norm_forward_kernel(x_ptr, residual_ptr, weight_ptr, bias_ptr, shift_ptr, s
             delta = block_mean - mean
             mean = mean + delta * (block_count / total)
             m2 = m2 + block_m2 + delta * delta * (count * block_count / total)
+            sum_squares += tl.sum(pre * pre, axis=0)
             count = total
     else:
         in_row = cols < N
@@ -155,10 +157,14 @@ def _norm_forward_kernel(x_ptr, residual_ptr, weight_ptr, bias_ptr, shift_ptr, s
         mean = tl.sum(pre, axis=0) / N
         centered = tl.where(in_row, pre - mean, 0.0)
         m2 = tl.sum(centered * centered, axis=0)
+        sum_squares = tl.sum(pre * pre, axis=0)
     variance = m2 / N
     if is_rms_norm:
-        variance = variance + mean * mean          # mean(pre^2) = var + mean^2; no cancellation
-        mean = mean * 0.0
+        # mean(pre^2) summed directly (a sum of squares cannot cancel), not var + mean^2: a row holding
+        # an inf then gives inf * 0 = NaN in that element and 0 elsewhere, as torch's rms_norm, where
+        # var + mean^2 would be inf - inf = NaN across the whole row
+        variance = sum_squares / N
+        mean = tl.where(is_rms_norm, 0.0, mean)
     else:
         tl.store(mean_ptr + row, mean)
     rstd = 1.0 / tl.sqrt(variance + eps)
