@@ -1,6 +1,6 @@
 """Train mmkern's tiny text-to-image model on coloured shapes it draws itself, on a CPU, in a few minutes.
 
-    python examples/train_tiny_text2image.py                      # ~4 minutes, writes ./tiny_text2image_out/
+    python examples/train_tiny_text2image.py                      # ~5 minutes, writes ./tiny_text2image_out/
     python examples/train_tiny_text2image.py --minutes 10 --out /tmp/t2i
     python examples/train_tiny_text2image.py --steps 3 --sample-steps 2 --samples-per-caption 1   # smoke test
 
@@ -112,9 +112,9 @@ def save_loss_curve(losses: list[float], path: str, width: int = 640, height: in
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=100_000, help="training steps at most (default: until --minutes)")
-    parser.add_argument("--minutes", type=float, default=4.0, help="training time at most (default 4)")
+    parser.add_argument("--minutes", type=float, default=5.0, help="training time at most (default 5)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--sample-steps", type=int, default=25, help="DDIM steps when sampling")
     parser.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale")
     parser.add_argument("--samples-per-caption", type=int, default=6)

@@ -5,7 +5,6 @@ import os
 
 import pytest
 import torch
-from PIL import Image
 
 import mmkern
 from mmkern.models import DiTDenoiser, TextEncoder, TinyText2Image, WordTokenizer
@@ -122,6 +121,8 @@ def test_bad_input():
 
 
 def test_example_runs_end_to_end(tmp_path, capsys):
+    Image = pytest.importorskip("PIL.Image")      # the example draws with Pillow and shows tqdm progress
+    pytest.importorskip("tqdm")
     spec = importlib.util.spec_from_file_location("train_tiny_text2image", EXAMPLE)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
