@@ -9,20 +9,26 @@ function every model with `ALL_ATTENTION_FUNCTIONS` calls) and with its Attentio
 function `create_causal_mask` / `create_bidirectional_mask` call to build the mask that reaches it).
 
 How masks reach the kernel (no dense seqlen x seqlen bias for padding):
-  * the mask function returns None when nothing is padded (the kernel's causal flag does the rest,
-    bottom-right aligned, which is what a KV cache needs: query i sits at key position Lk - Lq + i),
-    or the 2D key-padding mask (batch, Lk) bool, as transformers' flash-attention path does;
+  * the mask function recognises plain causal and bidirectional patterns, and sliding-window causal
+    ones (by probing the mask function), and returns None when nothing is padded (the kernel's causal
+    flag does the rest, bottom-right aligned, which is what a KV cache needs: query i sits at key
+    position Lk - Lq + i) or the 2D key-padding mask (batch, Lk) bool, tagged with the pattern, as
+    transformers' flash-attention path does;
   * the attention function turns a 2D mask into a packed varlen batch (cu_seqlens) for
     flash_attn_varlen_func: bidirectional layers keep every query and pack only the valid keys
     (the output equals SDPA's key-padding mask at every position, padded queries included);
     causal or windowed layers pack the valid queries and keys (padded query rows come out 0: they
     see nothing, or garbage, in the unpatched model and no valid token ever reads them);
-  * mask patterns that are not plain causal/bidirectional + padding (packed sequences found from
-    position_ids, sliding windows built into the mask, image-token overlays, a static cache whose
-    keys are not the last query positions) fall back to transformers' boolean 4D mask, run by
-    mmkern.scaled_dot_product_attention; user-given 4D float masks are added to the scores there.
-What mmkern cannot take raises a ValueError naming the layer: a head_mask, a learned position bias,
-attention sinks, output_attentions=True.
+    transformers 4.x "extended" masks of shape (batch, 1, 1, Lk) are key-padding masks too;
+  * other patterns (packed sequences found from position_ids, image-token overlays, chunked
+    attention, a StaticCache, whose key slots run past the last query) fall back to transformers'
+    boolean 4D mask, run by mmkern.scaled_dot_product_attention; a user's 4D float mask is added to
+    the scores there.
+The transformers cache (DynamicCache, sliding-window layers, StaticCache) keeps the keys and values;
+the kernels attend to what it returns. Dropout, scaling, GQA/MQA (unrepeated k/v), sliding windows
+and softcap pass through as the model gives them. What mmkern cannot take raises a ValueError naming
+the layer: a head_mask, a learned position bias, attention sinks, output_attentions=True, softcap
+with a 4D mask, a sliding window with padding in the middle of a sequence.
 
 apply_mmkern(model) also swaps, in place and keeping every state_dict key:
   * BERT (BertSelfOutput, BertOutput): LayerNorm(dropout(dense(h)) + input) -> one fused
@@ -32,6 +38,8 @@ apply_mmkern(model) also swaps, in place and keeping every state_dict key:
         h = attn(ln_1(x)) + x;  y = ln_2(h)            ->   y, h = layer_norm_residual(attn_out, x, prenorm=True)
     with the attention's residual dropout fused in (attn.resid_dropout becomes nn.Identity; its p moves
     to ln_2), and ln_f / ln_1 on mmkern's norm.
+On transformers 4.5x (where BERT calls torch's SDPA itself) BERT's encoder self-attention gets an
+mmkern forward instead; models whose attention calls neither get a ValueError at apply_mmkern.
 """
 from __future__ import annotations
 
