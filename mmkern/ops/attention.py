@@ -210,6 +210,35 @@ def _backward(ctx, dout, dlse):
 torch.library.register_autograd("mmkern::attention_forward", _backward, setup_context=_setup_context)
 
 
+# --------------------------------------------------------------------------- autocast
+
+_AUTOCAST_LIB = torch.library.Library("mmkern", "IMPL")
+
+
+def _register_autocast(device_type: str) -> None:
+    """Under torch.autocast, attention runs in the autocast dtype like torch's SDPA (on CPU and CUDA):
+    q, k, v and a float attn_mask are cast (floating tensors other than float64, as autocast does);
+    alibi_slopes stay float32 (the kernels read them so). lse stays float32."""
+    key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    key = getattr(torch._C.DispatchKey, key_name)
+
+    def kernel(_keyset, *args):
+        dtype = torch.get_autocast_dtype(device_type)
+        args = dict(zip(_FORWARD_ARGS, args))
+        for name in ("q", "k", "v", "attn_mask"):
+            t = args[name]
+            if t is not None and t.is_floating_point() and t.dtype != torch.float64:
+                args[name] = t.to(dtype)
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+            return attention_forward(*(args[name] for name in _FORWARD_ARGS))
+
+    _AUTOCAST_LIB.impl("attention_forward", kernel, key_name, with_keyset=True)
+
+
+for _device_type in ("cpu", "cuda"):
+    _register_autocast(_device_type)
+
+
 # --------------------------------------------------------------------------- KV cache
 
 @torch.library.custom_op("mmkern::kvcache_append", mutates_args=("k_cache", "v_cache"))
