@@ -110,7 +110,10 @@ else
         echo "gpu_check.sh: torch sees no CUDA GPU here; on a CPU machine run scripts/gpu_check.sh --dry-run" | tee -a "$LOG"
         exit 2
     fi
-    step build 100 env MMKERN_CUDA_ARCHS="${ARCH:-90}" "$PY" -m mmkern build
+    # exported for every later step too: the native tests' and benchmarks' ensure_built() compare the
+    # build against MMKERN_CUDA_ARCHS, and would rebuild for the default "80;90" without it
+    export MMKERN_CUDA_ARCHS="$ARCH"
+    step build 100 "$PY" -m mmkern build
     if [[ -n "$CUDA_TESTS" ]]; then
         step tests_cuda 50 "${PYTEST[@]}" "${XDIST[@]}" $CUDA_TESTS
     else
