@@ -166,21 +166,25 @@ __device__ __forceinline__ void loss_terms(const T* __restrict__ mo, const T* __
   load_group<N>(mo, start, numel, vec, diff);
   if (prediction != kEpsilon) load_group<N>(x0, start, numel, vec, xv);
   if (prediction != kSample) load_group<N>(noise, start, numel, vec, nv);
-  Cursor cur(start, per_sample);
-  int64_t cached = -1;
-  LossCoef c{0.0f, 0.0f, 0.0f};
+  // one sample segment of the group at a time: the coefficient code is emitted once (see alpha_step_kernel)
 #pragma unroll
-  for (int j = 0; j < N; ++j) {
-    if (start + j < numel && cur.b != cached) {
-      cached = cur.b;
-      c = loss_coefficients(table.at(t(cur.b)), prediction, snr_gamma);
+  for (int j = 0; j < N; ++j) w[j] = 0.0f;
+  Cursor cur(start, per_sample);
+  for (int j0 = 0; j0 < N && start + j0 < numel;) {
+    const int len = static_cast<int>(cur.per_sample - cur.r < N - j0 ? cur.per_sample - cur.r : N - j0);
+    const LossCoef c = loss_coefficients(table.at(t(cur.b)), prediction, snr_gamma);
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      if (j < j0 || j >= j0 + len) continue;
+      float target = 0.0f;
+      if (prediction != kEpsilon) target = c.tx0 * xv[j];
+      if (prediction != kSample) target += c.tn * nv[j];
+      diff[j] -= target;
+      w[j] = start + j < numel ? c.w : 0.0f;
     }
-    float target = 0.0f;
-    if (prediction != kEpsilon) target = c.tx0 * xv[j];
-    if (prediction != kSample) target += c.tn * nv[j];
-    diff[j] -= target;
-    w[j] = start + j < numel ? c.w : 0.0f;
-    cur.next();
+    j0 += len;
+    cur.r += len;
+    if (cur.r == cur.per_sample) { cur.r = 0; ++cur.b; }
   }
 }
 
