@@ -164,8 +164,9 @@ def attention_dq_kernel(
         kv_mask = (cols[:, None] < k_len) & (dims[None, :] < head_dim)
         k = tl.load(k_base + cols[:, None].to(tl.int64) * stride_kn + dims[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + cols[:, None].to(tl.int64) * stride_vn + dims[None, :], mask=kv_mask, other=0.0)
-        s, tanh_s = score_tile(q, k, rows, cols, q_len, k_len, align, qk_scale, softcap2, slope, window_left, window_right,
-                               mask_base + cols[None, :] * stride_mn, SOFTCAP, ALIBI, MASK_KIND, FP32_DOT)
+        s, tanh_s = score_tile(q, k, rows, cols, q_len, k_len, align, qk_scale, softcap2, slope, window_left,
+                               window_right, mask_base + cols[None, :] * stride_mn, SOFTCAP, ALIBI, MASK_KIND,
+                               FP32_DOT)
         p = _probabilities(s, lse)
         dp = dot(do, tl.trans(v), FP32_DOT)
         if DROPOUT:

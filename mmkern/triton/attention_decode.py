@@ -115,8 +115,10 @@ def merge_attention_splits_kernel(
     idx64 = idx.to(tl.int64)
     m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_R,), tl.float32)
-    for s in range(num_splits):
-        lse_s = tl.load(LsePart + s * stride_ls + idx64, mask=ok, other=float("-inf"))
+    lse_ptrs = LsePart + idx64                # pointers step by a split's stride (no 32-bit products)
+    for _ in range(num_splits):
+        lse_s = tl.load(lse_ptrs, mask=ok, other=float("-inf"))
+        lse_ptrs += stride_ls
         m_new = tl.maximum(m, lse_s)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l = l * tl.exp(m - m_safe) + tl.exp(lse_s - m_safe)
@@ -133,9 +135,12 @@ def merge_attention_splits_kernel(
         dims = d_start + dims0
         io_mask = ok[:, None] & (dims[None, :] < head_dim)
         acc = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
-        for s in range(num_splits):
-            lse_s = tl.load(LsePart + s * stride_ls + idx64, mask=ok, other=float("-inf"))
+        lse_ptrs = LsePart + idx64
+        o_ptrs = OutPart + idx64[:, None] * head_dim + dims[None, :]
+        for _ in range(num_splits):
+            lse_s = tl.load(lse_ptrs, mask=ok, other=float("-inf"))
             w = tl.where(seen, tl.exp(lse_s - lse_safe), 0.0)
-            o = tl.load(OutPart + s * stride_ps + idx64[:, None] * head_dim + dims[None, :], mask=io_mask, other=0.0)
-            acc += w[:, None] * o
+            acc += w[:, None] * tl.load(o_ptrs, mask=io_mask, other=0.0)
+            lse_ptrs += stride_ls
+            o_ptrs += stride_ps
         tl.store(Out + idx64[:, None] * head_dim + dims[None, :], acc.to(Out.dtype.element_ty), mask=io_mask)
