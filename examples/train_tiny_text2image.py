@@ -118,6 +118,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--sample-steps", type=int, default=25, help="DDIM steps when sampling")
     parser.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale")
     parser.add_argument("--samples-per-caption", type=int, default=6)
+    parser.add_argument("--patch", type=int, default=4, help="DiT patch size (2: 64 tokens, finer, ~4x slower)")
+    parser.add_argument("--dim", type=int, default=96, help="DiT width")
+    parser.add_argument("--depth", type=int, default=3, help="DiT blocks")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: the model's ops are too small to share out)")
     parser.add_argument("--seed", type=int, default=0)
@@ -129,7 +132,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
-    model = TinyText2Image(CAPTIONS)
+    model = TinyText2Image(CAPTIONS, patch=args.patch, dim=args.dim, depth=args.depth)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     print(f"TinyText2Image: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; mmkern backends "
           f"here: {', '.join(mmkern.available_backends())}")
