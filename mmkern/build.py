@@ -109,6 +109,26 @@ def cuda_archs() -> list[str]:
     return archs
 
 
+def _has_toolkit(home: Path) -> bool:
+    return (home / "bin" / "nvcc").exists() and any(
+        any((home / lib).glob("libcudart.so*")) for lib in ("lib64", "lib", "targets/x86_64-linux/lib"))
+
+
+def cuda_home() -> Path | None:
+    """The CUDA toolkit: $CUDA_HOME / $CUDA_PATH, else the toolkit of the `nvcc` on PATH, else /usr/local/cuda.
+    (A wrapper script as nvcc, e.g. /usr/local/bin/nvcc, would make torch guess /usr/local: the toolkit is the
+    directory that holds both bin/nvcc and the CUDA runtime library.)"""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return Path(os.environ[var])
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(Path(os.path.realpath(nvcc)).parent.parent)
+    candidates += [Path("/usr/local/cuda"), *sorted(Path("/usr/local").glob("cuda-*"), reverse=True)]
+    return next((home for home in candidates if _has_toolkit(home)), None)
+
+
 def cuda_unavailable_reason() -> str | None:
     """Why the CUDA kernels will not be compiled, or None when they will."""
     import torch
@@ -117,21 +137,19 @@ def cuda_unavailable_reason() -> str | None:
         return "MMKERN_BUILD_CUDA=0"
     if torch.version.cuda is None:
         return "torch is not a CUDA build"
-    from torch.utils.cpp_extension import CUDA_HOME
-    if CUDA_HOME is None or shutil.which("nvcc", path=str(Path(CUDA_HOME) / "bin")) is None and not shutil.which("nvcc"):
-        return "no CUDA toolkit (nvcc) found (set CUDA_HOME)"
+    if cuda_home() is None:
+        return "no CUDA toolkit (nvcc and the CUDA runtime library) found; set CUDA_HOME"
     return None
 
 
 def flags(with_cuda: bool) -> dict[str, list[str]]:
-    cxx = ["-O3", "-fvisibility=hidden", "-DMMKERN_WITH_CUDA=%d" % int(with_cuda)]
+    cxx = ["-O3", "-fvisibility=hidden"]
     result = {"cxx": cxx}
     if with_cuda:
         gencode = []
         for a in cuda_archs():
             gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
-        result["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-Xptxas", "-v", "-lineinfo",
-                          "-DMMKERN_WITH_CUDA=1", *gencode]
+        result["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-Xptxas", "-v", "-lineinfo", *gencode]
     return result
 
 
@@ -258,6 +276,8 @@ def build(directory: Path | None = None, *, quiet: bool = False, jobs: int | Non
     config = configuration()
     staging = directory / "_C.build"         # ninja's incremental state and the link output
     env = dict(os.environ, MAX_JOBS=str(jobs or os.environ.get("MAX_JOBS") or os.cpu_count() or 1))
+    if config["with_cuda"]:
+        env["CUDA_HOME"] = str(cuda_home())     # read by torch.utils.cpp_extension at import, in the child
     code = ("import sys, json; from pathlib import Path; from mmkern import build; "
             "build._run_build_ext(Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3]))")
     started = time.perf_counter()
