@@ -193,3 +193,19 @@ def test_prefill_launches_receive_only_linear_buffers(monkeypatch):
         assert spy.launches, name
         for _, numels in spy.launches:
             assert max(numels) <= L * H * D < L * L, name
+
+
+def test_gpu_split_rule_fills_two_waves(monkeypatch):
+    """decode_splits on a GPU (the SM count faked at 132, an H100/H200): splits ~ 2 * SMs / programs,
+    at least 4 key tiles per split, at most 128; 1 (the normal forward) once the batch fills the GPU."""
+    monkeypatch.setattr(A, "_sm_count", lambda index: 132)
+    gpu = torch.device("cuda", 0)
+    tiles = A.Tiles(64, 128, 4, 2)
+    one_query = A._Problem(1, 32, 8, 128, 1, 65536, 1, 65536, False)        # 8 programs without splits
+    assert A.decode_splits(one_query, gpu, tiles) == 33
+    short_cache = one_query._replace(seqlen_k=1024, max_seqlen_k=1024)     # 8 key tiles: 2 splits of 4
+    assert A.decode_splits(short_cache, gpu, tiles) == 2
+    long_single = A._Problem(1, 1, 1, 128, 1, 1 << 20, 1, 1 << 20, False)
+    assert A.decode_splits(long_single, gpu, tiles) == 128
+    big_batch = one_query._replace(batch=64)                                 # 512 programs already
+    assert A.decode_splits(big_batch, gpu, tiles) == 1
