@@ -34,6 +34,11 @@ template <typename T>
 inline Vec vload(const T* p) {
   if constexpr (std::is_same_v<T, float>) {
     return Vec::loadu(p);
+  } else if constexpr (std::is_same_v<T, at::Half>) {
+    // c10's bit-exact conversion in a plain loop (at::vec's generic fp16 path is ~20x slower without F16C flags)
+    float buf[kV];
+    for (int64_t j = 0; j < kV; ++j) buf[j] = c10::detail::fp16_ieee_to_fp32_value(p[j].x);
+    return Vec::loadu(buf);
   } else {
     Vec out;
     at::vec::load_to_float(p, out);
@@ -49,11 +54,28 @@ inline Vec vload(const T* p, int64_t n) {
 }
 template <typename T>
 inline void vstore(T* p, const Vec& v, int64_t n) {
+  // full vectors through fixed-size stores (Vectorized::store(ptr, count) is a variable-length memcpy call)
   if constexpr (std::is_same_v<T, float>) {
-    v.store(p, static_cast<int>(n));
+    if (n == kV) {
+      v.store(p);
+    } else {
+      float buf[kV];
+      v.store(buf);
+      for (int64_t j = 0; j < n; ++j) p[j] = buf[j];
+    }
+  } else if constexpr (std::is_same_v<T, at::Half>) {
+    float buf[kV];
+    v.store(buf);
+    for (int64_t j = 0; j < n; ++j) p[j].x = c10::detail::fp16_ieee_from_fp32_value(buf[j]);   // nearest even
   } else {
     // convert_from_float rounds to nearest even; its first kV lanes are v
-    at::vec::convert_from_float<T>(v, v).store(p, static_cast<int>(n));
+    T buf[2 * kV];
+    at::vec::convert_from_float<T>(v, v).store(buf);
+    if (n == kV) {
+      std::memcpy(p, buf, kV * sizeof(T));
+    } else {
+      for (int64_t j = 0; j < n; ++j) p[j] = buf[j];
+    }
   }
 }
 
