@@ -78,7 +78,7 @@ def _run_backends(test, case, ops, inputs_for_reasons, dtype, dropout_p, softcap
     assert checked, "no backend checked this example"
 
 
-@fuzz(ci=6, gpu=300)
+@fuzz(ci=6, gpu=80)
 @given(data=st.data(), dtype=DTYPES, feats=features())
 def test_flash_attn_func_matches_oracle(data, dtype, feats):
     test = "flash_attn_func"
@@ -114,7 +114,7 @@ def _cu(lengths):
     return torch.tensor([0, *torch.tensor(lengths, dtype=torch.long).cumsum(0).tolist()], dtype=torch.int32)
 
 
-@fuzz(ci=5, gpu=200)
+@fuzz(ci=5, gpu=80)
 @given(data=st.data(), dtype=DTYPES, feats=features())
 def test_flash_attn_varlen_func_matches_oracle(data, dtype, feats):
     test = "flash_attn_varlen_func"
@@ -148,7 +148,7 @@ def test_flash_attn_varlen_func_matches_oracle(data, dtype, feats):
         _run_backends(test, case, ATTN_OPS, reasons_inputs, dtype, feats["dropout_p"], feats["softcap"])
 
 
-@fuzz(ci=4, gpu=200)
+@fuzz(ci=4, gpu=80)
 @given(data=st.data(), dtype=DTYPES, feats=features(allow_dropout=False))
 def test_flash_attn_with_kvcache_matches_oracle(data, dtype, feats):
     test = "flash_attn_with_kvcache"
@@ -181,7 +181,7 @@ def test_flash_attn_with_kvcache_matches_oracle(data, dtype, feats):
         _run_backends(test, case, ("attention_forward",), reasons_inputs, dtype, 0.0, feats["softcap"])
 
 
-@fuzz(ci=5, gpu=200)
+@fuzz(ci=5, gpu=80)
 @given(data=st.data(), dtype=DTYPES)
 def test_scaled_dot_product_attention_matches_oracle(data, dtype):
     test = "scaled_dot_product_attention"

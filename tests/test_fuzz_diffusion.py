@@ -60,7 +60,7 @@ def _check_all(test, case, op, reasons_inputs, dtype):
     assert checked, "no backend checked this example"
 
 
-@fuzz(ci=12, gpu=300)
+@fuzz(ci=12, gpu=150)
 @given(data=st.data(), dtype=DTYPES, schedule=schedules(), shape=samples())
 def test_noise_mix_and_loss_match_oracle(data, dtype, schedule, shape):
     """add_noise, get_velocity and the (Min-SNR) loss with its gradient."""
@@ -90,7 +90,7 @@ def test_noise_mix_and_loss_match_oracle(data, dtype, schedule, shape):
             _check_all(test, case, op, reasons, dtype)
 
 
-@fuzz(ci=12, gpu=300)
+@fuzz(ci=12, gpu=150)
 @given(data=st.data(), dtype=DTYPES, schedule=schedules(), shape=samples(),
        sampler=st.sampled_from(["ddpm", "ddim"]))
 def test_ddpm_ddim_steps_match_oracle(data, dtype, schedule, shape, sampler):
@@ -135,7 +135,7 @@ def test_ddpm_ddim_steps_match_oracle(data, dtype, schedule, shape, sampler):
         _check_all(test, case, f"{sampler}_step", dict(sample=x), dtype)
 
 
-@fuzz(ci=10, gpu=300)
+@fuzz(ci=10, gpu=150)
 @given(data=st.data(), dtype=DTYPES, shape=samples())
 def test_euler_ops_match_oracle(data, dtype, shape):
     """euler_step (with churn), euler_scale_model_input and euler_add_noise; step 0 and the last step."""

@@ -26,7 +26,7 @@ def _summary(pytestconfig):
     fz.register_summary(pytestconfig)
 
 
-@fuzz(ci=12, gpu=400)
+@fuzz(ci=12, gpu=200)
 @given(data=st.data(), dtype=DTYPES, rms=st.booleans())
 def test_norm_residual_matches_oracle(data, dtype, rms):
     test = "rms_norm_residual" if rms else "layer_norm_residual"
