@@ -47,8 +47,21 @@ def reasons(**inputs) -> list[str]:
     out = []
     if samples.dtype not in KERNEL_DTYPES:
         out.append(f"{samples_name} has dtype {samples.dtype}; the C++ kernels take float16, bfloat16 and float32")
-    out += native.missing_op_reasons(*_cpp_ops_for(inputs), device=samples.device)
+    out += _missing(_cpp_ops_for(inputs), samples.device.type)
     return out
+
+
+_PRESENT: set = set()      # (C++ ops, device type) found in the loaded build: a loaded build does not change
+
+
+def _missing(ops: tuple[str, ...], device_type: str) -> list[str]:
+    key = (ops, device_type)
+    if key in _PRESENT:
+        return []
+    missing = native.missing_op_reasons(*ops, device=device_type)
+    if not missing:
+        _PRESENT.add(key)
+    return missing
 
 
 def _cpp_ops_for(inputs) -> tuple[str, ...]:
