@@ -117,12 +117,17 @@ def _triton_norm_mask(seed, shape, dropout_p, device):
     return dropout_keep_mask(seed, shape, dropout_p, device)
 
 
+def _native_norm_mask(seed, shape, dropout_p, device):
+    from mmkern.native.norm import dropout_keep_mask
+    return dropout_keep_mask(seed, shape, dropout_p, device)
+
+
 # backend -> the test-path functions giving the keep masks its kernels draw for a seed, with the signature of
 # mmkern.reference.dropout.dropout_keep_mask(seed, shape, dropout_p, device). The oracle is run with the
 # backend's mask, so dropout is compared element for element. A backend without one here is checked on
 # dropout's structural properties instead (see has_mask_function).
 ATTENTION_MASKS = {"triton": _triton_attention_mask}
-NORM_MASKS = {"triton": _triton_norm_mask}
+NORM_MASKS = {"triton": _triton_norm_mask, "cpu": _native_norm_mask, "cuda": _native_norm_mask}
 
 
 def has_mask_function(backend: str, family: str) -> bool:
