@@ -121,8 +121,9 @@ def _scores(q, k, softmax_scale, q_lens, k_lens, m: Masking):
 
 
 def _probabilities(s: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """p = exp(s - lse), 0 in rows that see no key (lse = -inf) instead of NaN."""
-    seen = torch.isfinite(lse).unsqueeze(-1)
+    """p = exp(s - lse), 0 in rows that see no key (lse = -inf) instead of NaN. A row whose scores hold
+    a NaN (NaN input) has lse NaN and stays NaN, as in torch's SDPA: NaN input never turns into 0."""
+    seen = (lse != float("-inf")).unsqueeze(-1)
     return torch.where(seen, torch.exp(s - lse.unsqueeze(-1)), torch.zeros_like(s))
 
 
