@@ -8,7 +8,8 @@
 
 #include "diffusion/diffusion_math.h"
 
-// Dispatch on the samples' dtype: one instantiation per sample dtype: Float, Half, BFloat16 (float64 is the reference backend's).
+// Dispatch on the samples' dtype: one instantiation per sample dtype, Float, Half, BFloat16 (float64 is the
+// reference backend's).
 #define MMKERN_DISPATCH_SAMPLES(TYPE, OP, ...)                                                          \
   [&] {                                                                                                 \
     switch (TYPE) {                                                                                     \

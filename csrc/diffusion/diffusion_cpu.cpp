@@ -466,7 +466,9 @@ at::Tensor sigma_mix(const char* op, const char* x_name, const at::Tensor& x, co
       const float sigma = table.at(idx(b));
       if (np) {     // euler_add_noise: x + sigma * noise
         const Vec sv(sigma);
-        vec_loop(begin, end, [&](int64_t i, int64_t n) { vstore(op_ + i, vload(xp + i, n) + sv * vload(np + i, n), n); });
+        vec_loop(begin, end, [&](int64_t i, int64_t n) {
+          vstore(op_ + i, vload(xp + i, n) + sv * vload(np + i, n), n);
+        });
       } else {      // euler_scale_model_input: x / sqrt(sigma^2 + 1)
         const Vec d(std::sqrt(sigma * sigma + 1.0f));
         vec_loop(begin, end, [&](int64_t i, int64_t n) { vstore(op_ + i, vload(xp + i, n) / d, n); });

@@ -66,7 +66,8 @@ __device__ __forceinline__ void store_group(T* __restrict__ p, int64_t start, in
 // most 2 below n / d for n < 2^63, then corrected.
 struct Divider {
   uint64_t d, m;
-  explicit Divider(int64_t divisor) : d(static_cast<uint64_t>(divisor)), m(UINT64_MAX / static_cast<uint64_t>(divisor)) {}
+  explicit Divider(int64_t divisor)
+      : d(static_cast<uint64_t>(divisor)), m(UINT64_MAX / static_cast<uint64_t>(divisor)) {}
   __device__ __forceinline__ void divmod(int64_t n, int64_t& q, int64_t& r) const {
     uint64_t qq = __umul64hi(static_cast<uint64_t>(n), m);
     uint64_t rr = static_cast<uint64_t>(n) - qq * d;
@@ -520,7 +521,8 @@ at::Tensor loss_backward_cuda(const at::Tensor& grad, const at::Tensor& mo, cons
     scalar_t* dp = d_mo.mutable_data_ptr<scalar_t>();
     const bool vec = aligned16(mp) && aligned16(xp) && aligned16(np) && aligned16(dp);
     MMKERN_LAUNCH(loss_backward_kernel<scalar_t>, blocks_for(groups_of<scalar_t>(s.numel)),
-                  grad.const_data_ptr<float>(), mp, xp, np, s.t, s.table, dp, s.numel, Divider(s.per_sample), s.prediction,
+                  grad.const_data_ptr<float>(), mp, xp, np, s.t, s.table, dp, s.numel, Divider(s.per_sample),
+                  s.prediction,
                   static_cast<float>(snr_gamma), static_cast<float>(2.0 / static_cast<double>(s.numel)), vec);
   });
   return d_mo;
