@@ -142,8 +142,26 @@ def cuda_unavailable_reason() -> str | None:
     return None
 
 
+def cpu_isa() -> str:
+    """The x86 vector ISA the C++ CPU kernels are compiled for: "avx2" when this machine has AVX2 and FMA
+    (at::vec then uses its AVX2 implementation, as torch's own kernels do), else "default" (portable).
+    $MMKERN_CPU_ISA=default forces the portable build. The stamp records it: a build for AVX2 is stale
+    on a machine without."""
+    wanted = os.environ.get("MMKERN_CPU_ISA", "auto")
+    if wanted == "default":
+        return "default"
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "default"
+    cpu_flags = set(re.search(r"^flags\s*:(.*)$", text, re.M).group(1).split()) if "flags" in text else set()
+    return "avx2" if {"avx2", "fma", "f16c"} <= cpu_flags else "default"
+
+
 def flags(with_cuda: bool) -> dict[str, list[str]]:
     cxx = ["-O3", "-fvisibility=hidden"]
+    if cpu_isa() == "avx2":
+        cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     result = {"cxx": cxx}
     if with_cuda:
         gencode = []
@@ -171,6 +189,7 @@ def configuration() -> dict:
         "cuda_archs": cuda_archs() if with_cuda else [],
         "no_cuda_reason": None if with_cuda else (reason or "no .cu sources"),
         "families": families(),
+        "cpu_isa": cpu_isa(),
         "flags": flags(with_cuda),
     }
     digest.update(json.dumps(config, sort_keys=True).encode())
@@ -235,6 +254,8 @@ def stale_reason(stamp: dict | None) -> str | None:
 
     if stamp.get("torch") != torch.__version__:
         return f"it was built for torch {stamp.get('torch')}, this is torch {torch.__version__}"
+    if stamp.get("cpu_isa", "default") == "avx2" and cpu_isa() != "avx2":
+        return "it was built for CPUs with AVX2 and FMA; this one lacks them (or MMKERN_CPU_ISA=default)"
     if stamp.get("python") != sys.implementation.cache_tag:
         return f"it was built for {stamp.get('python')}, this is {sys.implementation.cache_tag}"
     if CSRC_DIR.is_dir():
