@@ -1,9 +1,10 @@
 // CPU kernels of residual + LayerNorm / RMSNorm (torch.ops.mmkern_C.norm_forward / norm_backward, CPU key).
 //
-// Rows run in parallel (at::parallel_for); each row is converted once into float32 scratch rows
-// (thread-local, N floats each) and the math runs on those with at::vec::Vectorized<float>, so one
-// non-templated kernel serves every (x, stream) dtype pair: only the load/store conversions switch on
-// the dtype. Traffic per row (forward): read x and residual once, write pre and out once.
+// Rows run in parallel (at::parallel_for); half-precision rows are converted once into float32 scratch
+// rows (thread-local, N floats each; all-float32 rows are read and written in place) and the math runs
+// with at::vec::Vectorized<float>, so one non-templated kernel serves every (x, stream) dtype pair:
+// only the load/store conversions switch on the dtype.
+// Traffic per row (forward): read x and residual once, write pre and out once.
 // Row sums are cascaded (float vector partials over blocks of 1024, blocks added in double): at
 // N = 65536 their error stays at float32 rounding of the result, not N times it.
 //
@@ -135,27 +136,37 @@ void apply_dropout(float* a, int64_t n, uint64_t seed, int64_t base, float p, fl
 
 // ----------------------------------------------------------------------------- forward
 
-// row = ((row - mean) * rstd * weight + bias) * (1 + scale) + shift in one pass (absent vectors skipped).
-void affine_row(float* row, int64_t n, float mean, float rstd, const float* weight, const float* bias,
-                const float* scale, const float* shift) {
+// dst = ((src - mean) * rstd * weight + bias) * (1 + scale) + shift in one pass (absent vectors skipped;
+// dst may be src).
+void affine_row(float* dst, const float* src, int64_t n, float mean, float rstd, const float* weight,
+                const float* bias, const float* scale, const float* shift) {
   const Vec vmean(mean), vrstd(rstd), one(1.f);
   int64_t j = 0;
   for (; j + kW <= n; j += kW) {
-    Vec v = (Vec::loadu(row + j) - vmean) * vrstd;
+    Vec v = (Vec::loadu(src + j) - vmean) * vrstd;
     if (weight) v = v * Vec::loadu(weight + j);
     if (bias) v = v + Vec::loadu(bias + j);
     if (scale) v = v * (one + Vec::loadu(scale + j));
     if (shift) v = v + Vec::loadu(shift + j);
-    v.store(row + j);
+    v.store(dst + j);
   }
   for (; j < n; ++j) {
-    float v = (row[j] - mean) * rstd;
+    float v = (src[j] - mean) * rstd;
     if (weight) v *= weight[j];
     if (bias) v += bias[j];
     if (scale) v *= 1.f + scale[j];
     if (shift) v += shift[j];
-    row[j] = v;
+    dst[j] = v;
   }
+}
+
+// dst = a + b (b may be null: a copy), float32 rows.
+void add_rows(float* dst, const float* a, const float* b, int64_t n) {
+  if (b == nullptr) {
+    std::memcpy(dst, a, n * sizeof(float));
+    return;
+  }
+  at::vec::map2<float>([](Vec u, Vec v) { return u + v; }, dst, a, b, n);
 }
 
 struct ForwardArgs {
@@ -174,24 +185,47 @@ struct ForwardArgs {
 void forward_rows(const ForwardArgs& a, int64_t begin, int64_t end) {
   const int64_t N = a.N;
   std::vector<float> scratch(2 * N);
-  float* row = scratch.data();            // pre, then out
+  float* row = scratch.data();            // pre (float32), then out
   float* tmp = row + N;                   // residual
   const int64_t x_elt = c10::elementSize(a.x_dtype), stream_elt = c10::elementSize(a.stream_dtype);
+  // All float32: read x and residual, write pre and out in place (no conversion copies).
+  const bool float_rows = a.x_dtype == at::kFloat && a.stream_dtype == at::kFloat &&
+                          (a.residual == nullptr || a.residual_dtype == at::kFloat);
   for (int64_t r = begin; r < end; ++r) {
-    load_row(a.x + r * a.x_stride, a.x_dtype, row, N);
-    if (a.dropout) apply_dropout(row, N, a.seed, r * N, a.dropout_p, a.dropout_scale);
-    if (a.residual != nullptr) {
-      load_row(a.residual + r * a.residual_stride, a.residual_dtype, tmp, N);
-      at::vec::map2<float>([](Vec u, Vec v) { return u + v; }, row, row, tmp, N);
+    const float* pre;                     // the float32 pre the statistics read
+    if (float_rows) {
+      const float* x = reinterpret_cast<const float*>(a.x + r * a.x_stride);
+      if (a.dropout) {
+        std::memcpy(row, x, N * sizeof(float));
+        apply_dropout(row, N, a.seed, r * N, a.dropout_p, a.dropout_scale);
+        x = row;
+      }
+      float* pre_out = reinterpret_cast<float*>(a.pre) + r * N;
+      add_rows(pre_out, x, a.residual ? reinterpret_cast<const float*>(a.residual + r * a.residual_stride) : nullptr,
+               N);
+      pre = pre_out;
+    } else {
+      load_row(a.x + r * a.x_stride, a.x_dtype, row, N);
+      if (a.dropout) apply_dropout(row, N, a.seed, r * N, a.dropout_p, a.dropout_scale);
+      if (a.residual != nullptr) {
+        load_row(a.residual + r * a.residual_stride, a.residual_dtype, tmp, N);
+        at::vec::map2<float>([](Vec u, Vec v) { return u + v; }, row, row, tmp, N);
+      }
+      store_row(row, a.stream_dtype, a.pre + r * N * stream_elt, N);
+      pre = row;
     }
-    store_row(row, a.stream_dtype, a.pre + r * N * stream_elt, N);
-    const auto [mean, rstd] = row_stats(row, N, a.eps, a.is_rms_norm);
+    const auto [mean, rstd] = row_stats(pre, N, a.eps, a.is_rms_norm);
     if (!a.is_rms_norm) a.mean[r] = mean;
     a.rstd[r] = rstd;
     const int64_t sample = r / a.rows_per_sample;
-    affine_row(row, N, mean, rstd, a.weight, a.bias, a.scale ? a.scale + sample * N : nullptr,
-               a.shift ? a.shift + sample * N : nullptr);
-    store_row(row, a.x_dtype, a.out + r * N * x_elt, N);
+    const float* scale = a.scale ? a.scale + sample * N : nullptr;
+    const float* shift = a.shift ? a.shift + sample * N : nullptr;
+    if (a.x_dtype == at::kFloat) {
+      affine_row(reinterpret_cast<float*>(a.out) + r * N, pre, N, mean, rstd, a.weight, a.bias, scale, shift);
+    } else {
+      affine_row(row, pre, N, mean, rstd, a.weight, a.bias, scale, shift);
+      store_row(row, a.x_dtype, a.out + r * N * x_elt, N);
+    }
   }
 }
 
