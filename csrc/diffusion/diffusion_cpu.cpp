@@ -8,6 +8,12 @@
 // The loss is deterministic: fixed 16384-element chunks, each summed in a fixed order, then the chunk sums
 // are added in chunk order (independent of the number of threads).
 // One template instantiation per sample dtype (float, Half, BFloat16) per op.
+// No FMA contraction in this file (an AVX2 + FMA build would contract a * b + c): the kernels round as the
+// eager fp32 math they are compared with does (x0 = (s - sqrt(1 - a) mo) / sqrt(a) amplifies the rounding of
+// the product by 1 / sqrt(a) ~ 150 at t = T - 1). Before the includes, so that every inline function agrees.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("fp-contract=off")
+#endif
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -26,6 +32,11 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kV = Vec::size();
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+constexpr bool kVecHasF16C = true;         // at::vec's fp16 conversions are vector instructions
+#else
+constexpr bool kVecHasF16C = false;
+#endif
 constexpr int64_t kGrain = 32768;          // elements per parallel task (at::internal::GRAIN_SIZE)
 constexpr int64_t kLossChunk = 16384;      // fixed reduction chunk of the loss (determinism)
 
@@ -34,7 +45,7 @@ template <typename T>
 inline Vec vload(const T* p) {
   if constexpr (std::is_same_v<T, float>) {
     return Vec::loadu(p);
-  } else if constexpr (std::is_same_v<T, at::Half>) {
+  } else if constexpr (std::is_same_v<T, at::Half> && !kVecHasF16C) {
     // c10's bit-exact conversion in a plain loop (at::vec's generic fp16 path is ~20x slower without F16C flags)
     float buf[kV];
     for (int64_t j = 0; j < kV; ++j) buf[j] = c10::detail::fp16_ieee_to_fp32_value(p[j].x);
@@ -63,7 +74,7 @@ inline void vstore(T* p, const Vec& v, int64_t n) {
       v.store(buf);
       for (int64_t j = 0; j < n; ++j) p[j] = buf[j];
     }
-  } else if constexpr (std::is_same_v<T, at::Half>) {
+  } else if constexpr (std::is_same_v<T, at::Half> && !kVecHasF16C) {
     float buf[kV];
     v.store(buf);
     for (int64_t j = 0; j < n; ++j) p[j].x = c10::detail::fp16_ieee_from_fp32_value(buf[j]);   // nearest even
