@@ -215,15 +215,31 @@ PTXAS_SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (
 PTXAS_REGS = re.compile(r"ptxas info\s*: Used (\d+) registers")
 
 
+NVCC_COMMAND = re.compile(r"^\[\d+/\d+\] .*nvcc.* -c (\S+\.cu) ")
+
+
+def compiled_cu_files(log: str) -> set[str]:
+    """The .cu files ninja compiled in this build (an incremental build recompiles only what changed)."""
+    return {m.group(1) for m in map(NVCC_COMMAND.search, log.splitlines()) if m}
+
+
 def parse_ptxas(log: str) -> list[dict]:
-    """One record per (kernel, arch) from `-Xptxas -v` output: registers, stack, spill stores/loads."""
+    """One record per (kernel, arch) from `-Xptxas -v` output: registers, stack, spill stores/loads, and the
+    .cu file it came from (the ninja command line printed before the compiler's output)."""
     records: list[dict] = []
     current = None
+    source = None
     for line in log.splitlines():
+        m = NVCC_COMMAND.search(line)
+        if m:
+            source = m.group(1)
+            continue
         m = PTXAS_ENTRY.search(line)
         if m:
             current = {"kernel": m.group(1), "arch": m.group(2), "registers": None, "stack": 0,
                        "spill_stores": 0, "spill_loads": 0}
+            if source is not None:
+                current["source"] = source
             records.append(current)
             continue
         if current is None:
@@ -236,6 +252,35 @@ def parse_ptxas(log: str) -> list[dict]:
         if m:
             current["registers"] = int(m.group(1))
     return records
+
+
+FATBIN_MAGIC = 0xBA55ED50
+
+
+def embedded_cuda_code(path: Path) -> list[tuple[str, int]]:
+    """("sass" | "ptx", sm) for every code object in the CUDA fat binaries of a shared library: what
+    `cuobjdump --list-elf/--list-ptx` lists, read from the fatbin headers (no CUDA tools needed).
+    Header layout: magic u32, version u16, header size u16, payload size u64; then entries of
+    kind u16 (1 PTX, 2 ELF), u16, header size u32, payload size u64, ..., arch u32 at byte 28."""
+    import struct
+
+    data = Path(path).read_bytes()
+    magic = struct.pack("<I", FATBIN_MAGIC)
+    found, pos = [], 0
+    while (start := data.find(magic, pos)) >= 0:
+        pos = start + 4
+        if start + 16 > len(data):
+            break
+        _, header_size, payload = struct.unpack_from("<HHQ", data, start + 4)
+        entry, end = start + header_size, min(start + header_size + payload, len(data))
+        while entry + 32 <= end:
+            kind, _, entry_header, size = struct.unpack_from("<HHIQ", data, entry)
+            if entry_header == 0:
+                break
+            (arch,) = struct.unpack_from("<I", data, entry + 28)
+            found.append(({1: "ptx", 2: "sass"}.get(kind, f"kind{kind}"), arch))
+            entry += entry_header + size
+    return found
 
 
 def read_stamp(directory: Path) -> dict | None:
@@ -328,7 +373,13 @@ def build(directory: Path | None = None, *, quiet: bool = False, jobs: int | Non
     tmp = directory / (so_name() + ".tmp")
     shutil.copy2(built, tmp)
     os.replace(tmp, target)
+    # ptxas reports of .cu files this (incremental) build did not recompile come from the previous stamp
     ptxas = parse_ptxas(log)
+    previous = read_stamp(directory) or {}
+    recompiled = compiled_cu_files(log)
+    current_cu = {str(p) for p in sources()[1]} if config["with_cuda"] else set()
+    ptxas = [r for r in previous.get("ptxas", []) if r.get("source") in current_cu - recompiled
+             and previous.get("cuda_archs") == config["cuda_archs"]] + ptxas
     stamp = dict(config, build_seconds=round(seconds, 1), built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                  ptxas=ptxas)
     (directory / STAMP_NAME).write_text(json.dumps(stamp, indent=1))
@@ -344,9 +395,11 @@ def ensure_built(*, quiet: bool = True):
     from mmkern import native
 
     directory = build_dir()
-    if native.find_build() is None or stale_reason(read_stamp(directory)) is not None:
+    for _ in range(3):      # sources edited during a build leave it stale: build again (ninja: only what changed)
+        if (directory / so_name()).exists() and stale_reason(read_stamp(directory)) is None:
+            break
         build(directory, quiet=quiet)
-        native.reset()
+    native.reset()
     return native.load()
 
 
