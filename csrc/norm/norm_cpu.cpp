@@ -315,16 +315,54 @@ void backward_chunk(const BackwardArgs& a, int64_t chunk, float* scratch) {
   std::fill(sum_dout, sum_dout + N, 0.f);
   const int64_t x_elt = c10::elementSize(a.x_dtype), stream_elt = c10::elementSize(a.stream_dtype);
   const float inv_n = 1.f / static_cast<float>(N);
+  const bool float_rows = a.x_dtype == at::kFloat && a.stream_dtype == at::kFloat;
   for (int64_t r = first; r < end; ++r) {
-    // statistics recomputed from the stored (rounded) pre, as the reference does
-    load_row(a.pre + r * N * stream_elt, a.stream_dtype, xhat, N);
-    const auto [mean, rstd] = row_stats(xhat, N, a.eps, a.is_rms_norm);
+    // statistics recomputed from the stored (rounded) pre, as the reference does; float32 rows are read in place
+    const float* pre = xhat;
+    const float* d = dout;
+    if (float_rows) {
+      pre = reinterpret_cast<const float*>(a.pre) + r * N;
+      d = reinterpret_cast<const float*>(a.dout + r * a.dout_stride);
+    } else {
+      load_row(a.pre + r * N * stream_elt, a.stream_dtype, xhat, N);
+      load_row(a.dout + r * a.dout_stride, a.x_dtype, dout, N);
+    }
+    const auto [mean, rstd] = row_stats(pre, N, a.eps, a.is_rms_norm);
+    // one pass: xhat, dxhat = dout * gain, the row sums of dxhat * xhat and dxhat, the column sums
     const Vec vmean(mean), vrstd(rstd);
-    at::vec::map<float>([&](Vec u) { return (u - vmean) * vrstd; }, xhat, xhat, N);
-    load_row(a.dout + r * a.dout_stride, a.x_dtype, dout, N);
-    at::vec::map2<float>([](Vec d, Vec w) { return d * w; }, g, dout, gain, N);
-    const float projection = row_dot(g, xhat, N) * inv_n;
-    const float mean_dxhat = a.is_rms_norm ? 0.f : row_sum(g, N) * inv_n;
+    double dot_total = 0.0, sum_total = 0.0;
+    constexpr int64_t kBlock = 1024;            // cascaded as in cascade_sum
+    for (int64_t start = 0; start < N; start += kBlock) {
+      const int64_t stop = std::min(N, start + kBlock);
+      Vec dot(0.f), sum(0.f);
+      int64_t j = start;
+      for (; j + kW <= stop; j += kW) {
+        const Vec xh = (Vec::loadu(pre + j) - vmean) * vrstd;
+        const Vec dv = Vec::loadu(d + j);
+        const Vec gx = dv * Vec::loadu(gain + j);
+        xh.store(xhat + j);
+        gx.store(g + j);
+        dot = dot + gx * xh;
+        sum = sum + gx;
+        (Vec::loadu(sum_dout_xhat + j) + dv * xh).store(sum_dout_xhat + j);
+        (Vec::loadu(sum_dout + j) + dv).store(sum_dout + j);
+      }
+      float block_dot = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, dot);
+      float block_sum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, sum);
+      for (; j < stop; ++j) {
+        const float xh = (pre[j] - mean) * rstd, dv = d[j], gx = dv * gain[j];
+        xhat[j] = xh;
+        g[j] = gx;
+        block_dot += gx * xh;
+        block_sum += gx;
+        sum_dout_xhat[j] += dv * xh;
+        sum_dout[j] += dv;
+      }
+      dot_total += block_dot;
+      sum_total += block_sum;
+    }
+    const float projection = static_cast<float>(dot_total) * inv_n;
+    const float mean_dxhat = a.is_rms_norm ? 0.f : static_cast<float>(sum_total) * inv_n;
     const Vec vproj(projection), vmdx(mean_dxhat);
     at::vec::map2<float>([&](Vec dxh, Vec xh) { return vrstd * (dxh - vmdx - xh * vproj); }, g, g, xhat, N);
     if (a.dpre) {
@@ -334,9 +372,6 @@ void backward_chunk(const BackwardArgs& a, int64_t chunk, float* scratch) {
     if (a.d_residual) store_row(g, a.stream_dtype, a.d_residual + r * N * stream_elt, N);
     if (a.dropout) apply_dropout(g, N, a.seed, r * N, a.dropout_p, a.dropout_scale);
     store_row(g, a.x_dtype, a.dx + r * N * x_elt, N);
-    at::vec::map3<float>([](Vec s, Vec d, Vec xh) { return s + d * xh; }, sum_dout_xhat, sum_dout_xhat, dout, xhat,
-                         N);
-    at::vec::map2<float>([](Vec s, Vec d) { return s + d; }, sum_dout, sum_dout, dout, N);
   }
   // The chunk's rows share one sample's scale, so two sums give all four reduced gradients:
   //   dweight = (1 + scale) * sum(dout * xhat)   dbias = (1 + scale) * sum(dout)
