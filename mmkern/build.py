@@ -159,7 +159,9 @@ def cpu_isa() -> str:
 
 
 def flags(with_cuda: bool) -> dict[str, list[str]]:
-    cxx = ["-O3", "-fvisibility=hidden"]
+    # -fopenmp: at::parallel_for is an inline template that runs in parallel only where _OPENMP is defined
+    # (torch's CPU backend is OpenMP); without it the C++ CPU kernels would run on one thread.
+    cxx = ["-O3", "-fvisibility=hidden"] + (["-fopenmp"] if sys.platform.startswith("linux") else [])
     if cpu_isa() == "avx2":
         cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     result = {"cxx": cxx}
@@ -205,7 +207,9 @@ def extension(config: dict | None = None):
     cpp, cu, _ = sources()
     files = [str(p) for p in cpp] + ([str(p) for p in cu] if config["with_cuda"] else [])
     kind = CUDAExtension if config["with_cuda"] else CppExtension
-    return kind("mmkern._C", files, include_dirs=[str(CSRC_DIR)], extra_compile_args=config["flags"])
+    link = ["-fopenmp"] if "-fopenmp" in config["flags"]["cxx"] else []
+    return kind("mmkern._C", files, include_dirs=[str(CSRC_DIR)], extra_compile_args=config["flags"],
+                extra_link_args=link)
 
 
 # --------------------------------------------------------------------------- stamp and ptxas report
