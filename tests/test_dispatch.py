@@ -62,8 +62,8 @@ def test_unknown_backend_name():
 
 
 def test_environment_variable_forces_a_backend(monkeypatch):
-    monkeypatch.setenv("MMKERN_BACKEND", "cpu")
-    with pytest.raises(mmkern.NoBackendError, match="forced backend 'cpu'"):
+    monkeypatch.setenv("MMKERN_BACKEND", "cuda")
+    with pytest.raises(mmkern.NoBackendError, match="forced backend 'cuda'"):
         mmkern.diffusion.add_noise(randn(2, 4), randn(2, 4), 1, torch.linspace(0.9, 0.1, 5))
     with mmkern.backend("reference"):      # an explicit block wins over the environment
         mmkern.diffusion.add_noise(randn(2, 4), randn(2, 4), 1, torch.linspace(0.9, 0.1, 5))
