@@ -82,6 +82,14 @@ def attention_backend(backend: str) -> str:
     return backend if all(op in kernels for op in ATTENTION_OPS) else "reference"
 
 
+def _enter(context) -> None:
+    context.__enter__()
+
+
+def _exit(context) -> None:
+    context.__exit__(None, None, None)
+
+
 @contextlib.contextmanager
 def running_on(model: torch.nn.Module, backend: str):
     """Forward passes inside run every mmkern op of `model` on `backend` (attention: attention_backend)."""
@@ -91,8 +99,9 @@ def running_on(model: torch.nn.Module, backend: str):
         for module in model.modules():
             if hasattr(module, "_mmkern_name") and not hasattr(module, "ln_1"):  # attention layers, not blocks
                 forcing = mmkern.backend(attn)
-                handles.append(module.register_forward_pre_hook(lambda *_, f=forcing: f.__enter__()))
-                handles.append(module.register_forward_hook(lambda *_, f=forcing: f.__exit__(None, None, None)))
+                # Hooks must return None: a forward pre-hook's return value replaces the module's inputs.
+                handles.append(module.register_forward_pre_hook(lambda *_, f=forcing: _enter(f)))
+                handles.append(module.register_forward_hook(lambda *_, f=forcing: _exit(f)))
     try:
         with mmkern.backend(backend):
             yield
