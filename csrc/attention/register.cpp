@@ -1,0 +1,22 @@
+// Schemas of the flash attention ops of mmkern._C (namespace mmkern_C). Kernels: attention_forward.cu and
+// attention_backward.cu (CUDA key, CUDA builds only; there is no CPU kernel: the Python adapter,
+// mmkern/native/attention.py, refuses CPU tensors with a reason, and `auto` dispatch takes another backend).
+// The Python side is mmkern/native/attention.py, called by the `cuda` backend of mmkern::attention_forward /
+// mmkern::attention_backward (mmkern/ops/attention.py).
+//
+// Layouts (as mmkern/ops/attention.py): dense q (B, Lq, H, D), k/v (B, Lk, H_kv, D), lse float32 (B, H, Lq);
+// varlen q (total_q, H, D), k/v (total_k, H_kv, D), cu_seqlens_q/k int32 (B + 1,), lse (H, total_q).
+// seqused_k (B,) int32: valid keys per sequence (KV cache). H % H_kv == 0 (GQA/MQA). causal is bottom-right
+// aligned (query i sees key j iff j <= i + Lk - Lq). fp16/bf16, head dims 64, 96, 128, fp32 accumulation.
+// A row that sees no key gives out = 0 and lse = -inf. dlse (optional, like lse) is the gradient of lse.
+// deterministic=True: dq/dk/dv bitwise identical run to run.
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(mmkern_C, m) {
+  m.def("attention_forward(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
+        "Tensor? seqused_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal) "
+        "-> (Tensor out, Tensor lse)");
+  m.def("attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, "
+        "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? seqused_k, int max_seqlen_q, int max_seqlen_k, "
+        "float softmax_scale, bool causal, bool deterministic) -> (Tensor dq, Tensor dk, Tensor dv)");
+}
