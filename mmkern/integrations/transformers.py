@@ -109,6 +109,11 @@ def _pattern(mask_function, local_size) -> tuple[bool, int | None] | None:
     return (True, local_size) if torch.equal(got.to(torch.bool), want) else None
 
 
+def _compiling() -> bool:
+    """True while dynamo traces (torch.compile): no data-dependent Python branches then."""
+    return torch.compiler.is_compiling()
+
+
 def mmkern_mask(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offset=0, mask_function=None,
                 attention_mask=None, allow_is_causal_skip=True, cache_position=None, local_size=None, **kwargs):
     """transformers' AttentionMaskInterface entry for "mmkern".
@@ -126,8 +131,12 @@ def mmkern_mask(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offset
     if mask_function is None and _masking is not None:
         mask_function = _masking.causal_mask_function
     pattern = _pattern(mask_function, local_size)
-    aligned = pattern is not None and isinstance(q_offset, int) and isinstance(kv_offset, int) and (
-        (not pattern[0] and kv_offset == 0) or (pattern[0] and q_offset + q_length == kv_offset + kv_length))
+    # Under torch.compile the key-padding fast path (which reads the mask's values: padding.all(), and the
+    # varlen packing's nonzero / max lengths) would break the graph; transformers' own SDPA mask is built
+    # without host reads, and the attention function runs it as a dense masked attention.
+    aligned = not _compiling() and pattern is not None and isinstance(q_offset, int) and \
+        isinstance(kv_offset, int) and (
+            (not pattern[0] and kv_offset == 0) or (pattern[0] and q_offset + q_length == kv_offset + kv_length))
     if not aligned:
         sdpa_kwargs = dict(batch_size=batch_size, kv_length=kv_length, kv_offset=kv_offset,
                            mask_function=mask_function, attention_mask=attention_mask,
@@ -263,7 +272,7 @@ def mmkern_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     _check_kwargs(module, kwargs, dropout)
     module_causal = bool(getattr(module, "is_causal", False))
     causal = bool(is_causal if is_causal is not None else module_causal)
-    if attention_mask is not None and attention_mask.dim() == 4:
+    if attention_mask is not None and attention_mask.dim() == 4 and not _compiling():
         padding = _as_key_padding(attention_mask)
         if padding is not None:  # older models' "extended" masks: (B, 1, 1, Lk), 0 = keep, most negative = drop
             attention_mask = padding
