@@ -27,7 +27,8 @@ def _window(fn: str, window_size) -> tuple[int, int]:
 
 def _scale(fn: str, softmax_scale, q: torch.Tensor) -> float:
     if softmax_scale is None:
-        return 1.0 / math.sqrt(q.shape[-1])
+        # head_dim 0 is refused by the op's validation, with a message naming head_dim; no division here first.
+        return 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
     if not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool):
         raise TypeError(f"{fn}: softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
     return float(softmax_scale)

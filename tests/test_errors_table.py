@@ -90,27 +90,22 @@ def _forced(name, call):
         return call()
 
 
-# Bad input that is NOT rejected today (reported with proposed diffs in the hardening report). Strict xfail:
-# each turns into a failure as soon as it is fixed, so the row can move into the table.
-OPEN_CASES = {
-    "flash head_dim 0": (
-        lambda: mmkern.flash_attn_func(q[..., :0], k[..., :0], v[..., :0]), ValueError,
-        r"head_dim .* must be in 1..256, got 0",
-        "mmkern/attention.py _scale computes 1 / sqrt(head_dim) before the op validates: ZeroDivisionError"),
-    "sdpa head_dim 0": (
-        lambda: mmkern.scaled_dot_product_attention(*(t[..., :0].transpose(1, 2) for t in (q, q, q))), ValueError,
-        r"head_dim .* must be in 1..256, got 0",
-        "mmkern/attention.py _scale computes 1 / sqrt(head_dim) before the op validates: ZeroDivisionError"),
-    "training_target timestep range": (
-        lambda: mmkern.diffusion.training_target(x4, x4, torch.tensor([0, 1000]), ac, "epsilon"), ValueError,
-        r"timesteps must lie in \[0, 9\]",
-        "training_target (epsilon / sample) checks shapes but not the timestep range that add_noise checks"),
-    "euler churn without noise": (
-        lambda: mmkern.diffusion.euler_step(x4, 0, x4, sig, s_churn=1.0), ValueError, r"noise",
-        "euler_step's docstring says noise is needed where churn applies; s_churn > 0 without noise runs anyway"),
+# Rows added when the bugs they exposed were fixed (hardening, issue 10).
+FIXED_CASES = {
+    "flash head_dim 0": (lambda: mmkern.flash_attn_func(q[..., :0], k[..., :0], v[..., :0]), ValueError,
+                         r"head_dim .* must be in 1..256, got 0"),
+    "sdpa head_dim 0": (lambda: mmkern.scaled_dot_product_attention(*(t[..., :0].transpose(1, 2) for t in (q, q, q))),
+                        ValueError, r"head_dim .* must be in 1..256, got 0"),
+    "training_target timestep range": (lambda: mmkern.diffusion.training_target(x4, x4, torch.tensor([0, 1000]), ac,
+                                                                                "epsilon"),
+                                       ValueError, r"timesteps must lie in \[0, 9\]"),
+    "euler churn without noise": (lambda: mmkern.diffusion.euler_step(x4, 0, x4, sig, s_churn=1.0), ValueError,
+                                  r"s_churn = 1.0 > 0 needs noise"),
+    "euler churn type": (lambda: mmkern.diffusion.euler_step(x4, 0, x4, sig, s_churn="1"), TypeError,
+                         r"s_churn must be a float, got str"),
 }
 
-CASES = {**BASE_CASES, **EXTRA_CASES}
+CASES = {**BASE_CASES, **EXTRA_CASES, **FIXED_CASES}
 BACKENDS = mmkern.available_backends()
 
 
@@ -122,20 +117,16 @@ def test_bad_input_raises_a_clear_error(name, backend):
         call()
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=OPEN_CASES[n][3]))
-                                  for n in OPEN_CASES])
-def test_bad_input_not_rejected_yet(name):
-    call, error, pattern, _ = OPEN_CASES[name]
-    with pytest.raises(error, match=pattern):
-        call()
-
-
-@pytest.mark.xfail(strict=True, reason="check_variance_type compares model_output.shape != sample.shape, so a learned "
-                                       "variance with C = 0 channels ((B, 0) is (B, 2C)) is rejected")
 def test_learned_variance_with_zero_channels_is_accepted():
+    """(B, 2C) with C = 0 is (B, 0): a learned variance of an empty sample is a valid (empty) step."""
     empty = torch.zeros(2, 0)
     prev, x0 = mmkern.diffusion.ddpm_step(empty, 3, empty, ac, variance_type="learned")
     assert prev.shape == (2, 0) and x0.shape == (2, 0)
+
+
+def test_learned_variance_needs_twice_the_channels():
+    with pytest.raises(ValueError, match=r"variance_type 'learned' needs model_output of shape \(B, 2C, ...\)"):
+        mmkern.diffusion.ddpm_step(torch.zeros(2, 3, 5), 3, torch.zeros(2, 3, 5), ac, variance_type="learned")
 
 
 def test_the_table_never_crashes_the_process():

@@ -64,6 +64,7 @@ def training_target(original_samples, noise, timesteps, alphas_cumprod, predicti
     # epsilon / sample: validate like the fused ops, then the target is one of the inputs as it is
     x0, noise, timesteps = _prepare(fn, "original_samples", original_samples, noise, timesteps)
     ops.check_schedule_inputs(fn, "original_samples", x0, noise, timesteps, alphas_cumprod)
+    ops.check_timestep_values(fn, timesteps, alphas_cumprod)   # as add_noise: CPU tensors only (no GPU sync)
     return noise if prediction_type == "epsilon" else x0
 
 

@@ -72,7 +72,11 @@ def ddim_step(model_output, timesteps, sample, alphas_cumprod, prev_timesteps, *
 
 def churn_gamma(s_churn: float, sigmas_len: int) -> float:
     """Karras' gamma = min(s_churn / (N - 1), sqrt(2) - 1) (N = len(sigmas), as diffusers)."""
-    return min(s_churn / (sigmas_len - 1), 2 ** 0.5 - 1) if s_churn > 0 else 0.0
+    if not isinstance(s_churn, (int, float)) or isinstance(s_churn, bool):
+        raise TypeError(f"mmkern.diffusion.euler_step: s_churn must be a float, got {type(s_churn).__name__}")
+    if s_churn <= 0 or sigmas_len < 2:   # fewer than 2 sigmas: the op refuses the table with its own message
+        return 0.0
+    return min(s_churn / (sigmas_len - 1), 2 ** 0.5 - 1)
 
 
 def euler_step(model_output, step_index, sample, sigmas, *, noise=None, prediction_type="epsilon", s_churn=0.0,
@@ -80,14 +84,20 @@ def euler_step(model_output, step_index, sample, sigmas, *, noise=None, predicti
     """One Euler step from sigmas[i] to sigmas[i + 1] (Karras et al. 2022, algorithm 2, with churn).
 
     sigmas: the sampling schedule (N + 1,) (diffusers' scheduler.sigmas, ending in 0); step_index i:
-    int, 0-d or (B,). noise is needed where churn applies (s_churn > 0 and s_tmin <= sigma <= s_tmax).
+    int, 0-d or (B,). noise is needed whenever s_churn > 0: churn applies where s_tmin <= sigma <= s_tmax,
+    which depends on the step index's values (reading them would stall a GPU), so pass s_churn=0 for a
+    step known to be outside [s_tmin, s_tmax] (the EulerDiscreteScheduler drop-in does).
     prev_sample has model_output's dtype, pred_original_sample at least float32 (as diffusers)."""
     fn = "mmkern.diffusion.euler_step"
     if not isinstance(sigmas, torch.Tensor):
         raise TypeError(f"{fn}: sigmas must be a torch.Tensor, got {type(sigmas).__name__}")
+    gamma = churn_gamma(s_churn, sigmas.shape[0])
+    if gamma > 0 and noise is None:
+        raise ValueError(f"{fn}: s_churn = {s_churn} > 0 needs noise (a tensor like sample): churn adds "
+                         f"s_noise * noise * sigma * sqrt(gamma (2 + gamma)); pass s_churn=0 to step without churn")
     return ops.euler_step(last_dim_contiguous(model_output), last_dim_contiguous(sample),
                           _index(fn, "step_index", step_index, sample), sigmas, last_dim_contiguous(noise),
-                          prediction_type, churn_gamma(s_churn, sigmas.shape[0]), float(s_tmin), float(s_tmax),
+                          prediction_type, gamma, float(s_tmin), float(s_tmax),
                           float(s_noise))
 
 

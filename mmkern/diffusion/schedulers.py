@@ -248,7 +248,8 @@ class EulerDiscreteScheduler(diffusers.EulerDiscreteScheduler):
         compute = torch.promote_types(model_output.dtype, sample.dtype)
         prev_sample, x0 = euler_step(model_output.to(compute), index, sample.to(compute),
                                      self._mm_sigmas(sample.device), noise=None if noise is None else noise.to(compute),
-                                     prediction_type=self.config.prediction_type, s_churn=s_churn, s_tmin=s_tmin,
+                                     prediction_type=self.config.prediction_type,
+                                     s_churn=s_churn if churn else 0.0, s_tmin=s_tmin,
                                      s_tmax=s_tmax, s_noise=s_noise)
         prev_sample = prev_sample.to(out_dtype)
         if not per_sample:

@@ -81,7 +81,10 @@ def check_variance_type(fn, variance_type, model_output=None, sample=None):
     if model_output is None:
         return
     learned = variance_type in ("learned", "learned_range")
-    if learned != (model_output.shape != sample.shape):
+    # learned: (B, 2C, ...), the prediction then the variance; else exactly sample's shape. Compared as shapes,
+    # not as "differs from sample", so C = 0 ((B, 0) is both) is accepted for a learned variance.
+    want = (sample.shape[0], 2 * sample.shape[1], *sample.shape[2:]) if learned and sample.dim() > 1 else sample.shape
+    if tuple(model_output.shape) != tuple(want):
         raise ValueError(f"{fn}: variance_type {variance_type!r} needs model_output of shape "
                          f"{'(B, 2C, ...): the prediction, then the variance' if learned else '(B, C, ...) = sample'}; "
                          f"got model_output {tuple(model_output.shape)} for sample {tuple(sample.shape)}")
