@@ -63,4 +63,4 @@ def test_layer_norm_residual_cpu(bench, benchmark, impl, size, mode):
             with torch.no_grad():
                 return norm(x, residual, weight, bias, p)
         bytes_moved = 4 * rows * N * 4
-    bench(fn, x, residual, bytes=bytes_moved, **info)
+    bench(fn, x, residual, bytes=bytes_moved, device="cpu", **info)   # CPU rows: host clock, CPU ceilings
