@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The one command for a GPU machine: build, every GPU test (CUDA backend first, then Triton), the
-# benchmark selection, and a report, in under 8 minutes on an H200. Run from the checkout:
+# benchmark selection, a report and the GPU fuzz profile, in under 10 minutes on an H200. Run from the checkout:
 #
 #     PYTHONPATH=. scripts/gpu_check.sh [OUT_DIR]        default OUT_DIR: benchmarks/results/<date>-<gpu>/
 #     scripts/gpu_check.sh --dry-run [OUT_DIR]           on a CPU machine: everything up to the GPU steps
 #
-# Every step runs under `timeout` (budgets below: 480 s in all) and the script goes on after a failed
+# Every step runs under `timeout` (budgets below: 580 s in all) and the script goes on after a failed
 # or timed-out step, so one hang cannot eat the GPU time; the exit status is 1 if any step failed.
 # OUT_DIR receives at most 6 files (easy to carry back):
 #     gpu_check.log   the output of every step;  summary.txt  one line per step: name, status, seconds
@@ -28,6 +28,7 @@
 #                (each compile costs 10-40 s; the full suite has them)  (a tiny timed CPU run, which
 #                                                                         collects the whole suite first)
 #   report       mmkern report bench.json --out OUT_DIR                (the same, on the tiny CPU run)
+#   fuzz_gpu     MMKERN_FUZZ_PROFILE=gpu pytest tests/test_fuzz_*.py   (collected in tests_collect)
 set -uo pipefail
 
 DRY_RUN=0
@@ -103,7 +104,7 @@ sys.exit(mmkern.cli.main([\"info\"]))'"
         "${BENCH_OPTS[@]}" --benchmark-max-time=0.01 --benchmark-min-rounds=2 --benchmark-json="$OUT/bench.json"
     step report 120 "$PY" -m mmkern report "$OUT/bench.json" --out "$OUT"
 else
-    step env 30 bash -c "nvidia-smi && $PY -m mmkern info && $PY -c 'import torch; assert torch.cuda.is_available(), \
+    step env 20 bash -c "nvidia-smi && $PY -m mmkern info && $PY -c 'import torch; assert torch.cuda.is_available(), \
 \"torch sees no GPU\"; print(torch.cuda.get_device_name(), torch.cuda.get_device_capability())'"
     ARCH=$("$PY" -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}{n}')" 2>/dev/null)
     if [[ -z "$ARCH" ]]; then
@@ -113,18 +114,21 @@ else
     # exported for every later step too: the native tests' and benchmarks' ensure_built() compare the
     # build against MMKERN_CUDA_ARCHS, and would rebuild for the default "80;90" without it
     export MMKERN_CUDA_ARCHS="$ARCH"
-    step build 100 "$PY" -m mmkern build
+    step build 150 "$PY" -m mmkern build
     if [[ -n "$CUDA_TESTS" ]]; then
-        step tests_cuda 50 "${PYTEST[@]}" "${XDIST[@]}" $CUDA_TESTS
+        step tests_cuda 80 "${PYTEST[@]}" "${XDIST[@]}" $CUDA_TESTS
     else
         echo "== tests_cuda: no CUDA-backend test files (tests/test_native_*.py, tests/test_cuda_*.py)" | tee -a "$LOG"
     fi
     # (the dry-run test would run this script's CPU rehearsal inside the GPU run: left to CI)
-    step tests_triton 140 "${PYTEST[@]}" "${XDIST[@]}" $OTHER_TESTS \
+    step tests_triton 130 "${PYTEST[@]}" "${XDIST[@]}" $OTHER_TESTS \
         --deselect tests/test_bench_tools.py::test_gpu_check_dry_run_goes_start_to_end_on_a_cpu
-    step bench 140 env MMKERN_BENCH_SIZES=quick "${PYTEST[@]}" benchmarks "${BENCH_SELECT[@]}" "${BENCH_OPTS[@]}" \
+    step bench 120 env MMKERN_BENCH_SIZES=quick "${PYTEST[@]}" benchmarks "${BENCH_SELECT[@]}" "${BENCH_OPTS[@]}" \
         --benchmark-json="$OUT/bench.json"
     step report 20 "$PY" -m mmkern report "$OUT/bench.json" --out "$OUT"
+    # last (expendable when time is short): the fuzz suites with the GPU profile's example counts
+    step fuzz_gpu 60 env MMKERN_FUZZ_PROFILE=gpu "${PYTEST[@]}" tests/test_fuzz_attention.py tests/test_fuzz_norm.py \
+        tests/test_fuzz_diffusion.py
 fi
 
 echo "files in $OUT: $(ls "$OUT" | tr '\n' ' ')" | tee -a "$LOG"
