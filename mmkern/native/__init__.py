@@ -40,6 +40,8 @@ KERNELS = {
     "euler_step": ("diffusion", "euler_step", "reasons"),
     "euler_scale_model_input": ("diffusion", "euler_scale_model_input", "reasons"),
     "euler_add_noise": ("diffusion", "euler_add_noise", "reasons"),
+    "attention_forward": ("attention", "attention_forward", "forward_reasons"),
+    "attention_backward": ("attention", "attention_backward", "backward_reasons"),
 }
 BACKENDS = ("cpu", "cuda")
 NAMESPACE = "mmkern_C"
