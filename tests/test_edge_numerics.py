@@ -83,13 +83,7 @@ def test_softcap_with_huge_logits_saturates(backend, dtype):
     assert lse.max() <= 20 + math.log(7) + 1e-4          # logits capped at softcap
 
 
-_SOFTCAP_TANH = ("open: the Triton attention kernels' tanh is 2 sigmoid(2x) - 1, which cancels for small |x| (relative "
-                 "error ~6e-8/|x|), so float32 softcap scores are off by ~1e-7 * softcap; fix proposed in the "
-                 "hardening report (mmkern/triton/attention_scores.py, attention engineer's)")
-
-
-@pytest.mark.parametrize("backend", [pytest.param(b, marks=pytest.mark.xfail(strict=True, reason=_SOFTCAP_TANH))
-                                     if b == "triton" else b for b in ATTN])
+@pytest.mark.parametrize("backend", ATTN)
 def test_softcap_small_scores_keep_float32_precision(backend):
     """|score / softcap| ~ 1e-3: softcap * tanh(score / softcap) ~ score, to float32 precision."""
     q, k, v = (randn(1, 16, 1, 16, dtype=torch.float32) for _ in range(3))
@@ -203,18 +197,10 @@ def test_nan_and_inf_inputs_never_poison_other_batches_or_heads(backend, where):
     assert (out[clean].double() - want_out[clean]).abs().max() < 1e-5
 
 
-_NAN_ROWS = ("open: the Triton forward treats a query row whose scores hold a NaN (or +inf - +inf) as a row that sees "
-             "no key (seen = l_i > 0 is False for l_i = NaN), so it outputs 0 and lse -inf where the oracle (and torch's "
-             "SDPA) give NaN: a NaN input silently becomes 0; fix proposed in the hardening report "
-             "(mmkern/triton/attention_forward.py and attention_decode.py, attention engineer's)")
-
-
 @pytest.mark.parametrize("backend", ATTN)
 @pytest.mark.parametrize("where", POISON)
-def test_nan_and_inf_inputs_propagate_as_the_oracle(backend, where, request):
+def test_nan_and_inf_inputs_propagate_as_the_oracle(backend, where):
     """One poisoned element: out and lse are NaN exactly where the oracle's are, and equal elsewhere."""
-    if backend == "triton" and where != "v nan":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=_NAN_ROWS))
     q, k, v = _poisoned(where)
     with mmkern.backend(backend):
         out, lse = _attention_with_lse(q, k, v)
@@ -223,6 +209,25 @@ def test_nan_and_inf_inputs_propagate_as_the_oracle(backend, where, request):
     _nan_pattern_matches(lse, want_lse)
     assert (out.double() - want_out)[finite].abs().max() < 1e-5
 
+
+
+@pytest.mark.parametrize("backend", ATTN)
+@pytest.mark.parametrize("where", POISON)
+def test_nan_and_inf_inputs_propagate_through_the_backward(backend, where):
+    """The backward never turns a NaN (or an inf - inf) into a finite gradient, nor leaks it: dq, dk, dv
+    are NaN exactly where the float64 oracle's are (batch 1 finite) and equal elsewhere."""
+    q, k, v = (t.requires_grad_() for t in _poisoned(where))
+    dout = randn(2, 5, 4, 8, dtype=torch.float32)
+    with mmkern.backend(backend):
+        got = torch.autograd.grad(mmkern.flash_attn_func(q, k, v), (q, k, v), dout)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    with mmkern.backend("reference"):
+        want = torch.autograd.grad(mmkern.flash_attn_func(q64, k64, v64), (q64, k64, v64), dout.double())
+    assert any(torch.isnan(w).any() for w in want)
+    for g, w in zip(got, want):
+        finite = _nan_pattern_matches(g, w)
+        assert torch.isfinite(w[1]).all()
+        assert (g.double() - w)[finite].abs().max() < 1e-4
 
 @pytest.mark.parametrize("backend", NORM)
 @pytest.mark.parametrize("rms", [False, True])

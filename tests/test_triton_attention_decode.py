@@ -126,6 +126,40 @@ def test_gradients_and_dropout_take_the_normal_path(poisoned):
     assert not poisoned.launches and torch.isfinite(out).all()
 
 
+
+@pytest.mark.parametrize("where", ["q nan", "k nan", "k inf", "q -inf", "v nan"])
+def test_nan_and_inf_propagate_through_the_split_merge(where, poisoned):
+    """One NaN/inf element in batch 0 (a NaN score, or +inf - +inf): the split holding it gives a NaN
+    partial lse (+inf for a +inf score), the merge gives NaN and +inf exactly where the float64 oracle
+    does (never 0 and -inf, as an empty row); batch 1, the other kv head and the empty cache (out 0,
+    lse -inf) stay as the oracle's."""
+    B, Lq, H, H_kv, D, L = 3, 2, 4, 2, 16, 200
+    q, kc, vc = (torch.randn(B, n, h, D, device=DEVICE) for n, h in ((Lq, H), (L, H_kv), (L, H_kv)))
+    name, value = where.split()
+    if name == "q":
+        q[0, 1, 3, 5] = float(value)                      # query row 1 of head 3
+    else:
+        {"k": kc, "v": vc}[name][0, 150, 1, 5] = float(value)   # a key in the 3rd split, kv head 1
+    seqlens = torch.tensor([190, 170, 0], dtype=torch.int32, device=DEVICE)
+
+    def run(q, kc, vc):
+        return mmkern.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=seqlens, causal=True, return_lse=True)
+
+    with mmkern.backend("triton"):
+        out, lse = run(q, kc, vc)
+    assert poisoned.launches and all(grid[0] >= 2 for grid, _ in poisoned.launches)
+    with mmkern.backend("reference"):
+        want_out, want_lse = run(q.double(), kc.double(), vc.double())
+    assert torch.isnan(want_out[0]).any()
+    for got, want in ((out, want_out), (lse, want_lse)):
+        assert torch.equal(torch.isnan(got), torch.isnan(want)), \
+            f"NaN at {torch.isnan(got).nonzero().tolist()[:6]}, oracle at {torch.isnan(want).nonzero().tolist()[:6]}"
+        assert not torch.isnan(want[1:]).any()
+        finite = torch.isfinite(want)
+        assert torch.equal(torch.isfinite(got), finite) and torch.equal(got[~finite & ~torch.isnan(want)],
+                                                                        want[~finite & ~torch.isnan(want)].float())
+        assert (got.double() - want)[finite].abs().max() < 1e-5
+
 @pytest.mark.parametrize("varlen", [False, True])
 def test_delta_kernel_matches_rowsum_minus_dlse(varlen):
     """delta = rowsum(dO * O) - dlse, with a strided dO and head_dim 80 (two BLOCK_D chunks)."""

@@ -4,7 +4,7 @@ Both recompute the probabilities from the forward's log-sum-exp instead of stori
     p = exp(s - lse)                       (0 where lse = -inf)
     dV = dropout(p)^T dO                   dP = dropout(dO V^T)
     dS = p (dP - delta),  delta = rowsum(dO * O) - dlse
-    dS *= 1 - tanh^2                       (softcap; the additive mask's gradient is dS before this)
+    dS *= 1 - tanh^2                       (softcap, from score_tile; the additive mask's gradient is dS before this)
     dQ = scale dS K                        dK = scale dS^T Q
 
 - `attention_dkdv_kernel`, grid (cdiv(max_seqlen_k, BLOCK_N), batch * kv_heads): a program owns
@@ -85,7 +85,7 @@ def attention_dkdv_kernel(
             delta = tl.load(Delta + stat_base + rows * stride_lm, mask=rows < q_len, other=0.0)
             mask_ptrs = Mask + batch.to(tl.int64) * stride_mb + head * stride_mh \
                 + rows[:, None].to(tl.int64) * stride_mm + cols[None, :] * stride_mn
-            s, tanh_s = score_tile(q, k, rows, cols, q_len, k_len, align, qk_scale, softcap2, slope, window_left,
+            s, cap_slope = score_tile(q, k, rows, cols, q_len, k_len, align, qk_scale, softcap2, slope, window_left,
                                    window_right, mask_ptrs, SOFTCAP, ALIBI, MASK_KIND, FP32_DOT)
             p = _probabilities(s, lse)
             dp = dot(do, tl.trans(v), FP32_DOT)
@@ -102,7 +102,7 @@ def attention_dkdv_kernel(
                     + rows[:, None].to(tl.int64) * stride_dmm + cols[None, :] * stride_dmn
                 tl.store(dm_ptrs, ds.to(DMask.dtype.element_ty), mask=(rows[:, None] < q_len) & (cols[None, :] < k_len))
             if SOFTCAP:
-                ds = ds * (1.0 - tanh_s * tanh_s)
+                ds = ds * cap_slope
             dk += dot(tl.trans(ds.to(q.dtype)), q, FP32_DOT)
 
     dk_ptrs = DK + batch.to(tl.int64) * stride_dkb + (k_start + cols[:, None]).to(tl.int64) * stride_dkn \
@@ -164,7 +164,7 @@ def attention_dq_kernel(
         kv_mask = (cols[:, None] < k_len) & (dims[None, :] < head_dim)
         k = tl.load(k_base + cols[:, None].to(tl.int64) * stride_kn + dims[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + cols[:, None].to(tl.int64) * stride_vn + dims[None, :], mask=kv_mask, other=0.0)
-        s, tanh_s = score_tile(q, k, rows, cols, q_len, k_len, align, qk_scale, softcap2, slope, window_left,
+        s, cap_slope = score_tile(q, k, rows, cols, q_len, k_len, align, qk_scale, softcap2, slope, window_left,
                                window_right, mask_base + cols[None, :] * stride_mn, SOFTCAP, ALIBI, MASK_KIND,
                                FP32_DOT)
         p = _probabilities(s, lse)
@@ -174,7 +174,7 @@ def attention_dq_kernel(
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
-            ds = ds * (1.0 - tanh_s * tanh_s)
+            ds = ds * cap_slope
         dq += dot(ds.to(k.dtype), k, FP32_DOT)
     tl.store(DQ + batch.to(tl.int64) * stride_dqb + (q_start + rows[:, None]).to(tl.int64) * stride_dqm
              + head * stride_dqh + dims[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=row_mask)

@@ -20,7 +20,7 @@ num_splits * rows * heads * (head_dim + 1) float32 written and read once; O(L) i
 import triton
 import triton.language as tl
 
-from mmkern.triton.attention_scores import dot, log2_scales, score_tile, sequence_bounds
+from mmkern.triton.attention_scores import dot, max_nan, row_max, log2_scales, score_tile, sequence_bounds
 
 
 @triton.jit
@@ -79,7 +79,7 @@ def attention_decode_split_kernel(
         k = tl.load(k_base + cols[:, None].to(tl.int64) * stride_kn + dims[None, :], mask=kv_mask, other=0.0)
         s, _ = score_tile(q, k, qi, cols, q_len, split_hi, align, qk_scale, softcap2, slope, window_left,
                           window_right, Q, SOFTCAP, ALIBI, 0, FP32_DOT)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = max_nan(m_i, row_max(s))           # NaN scores stay in m (see the epilogue)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_safe[:, None])
         rescale = tl.exp2(m_i - m_safe)
@@ -88,9 +88,13 @@ def attention_decode_split_kernel(
         acc = acc * rescale[:, None] + dot(p.to(v.dtype), v, FP32_DOT)
         m_i = m_new
 
-    seen = l_i > 0
-    out = tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0)
-    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    # As the oracle (torch.logsumexp, softmax): l = 0 exactly, the row saw no key: out 0, lse -inf.
+    # A NaN score: m and l NaN, so out and lse NaN. A +inf score (no NaN): l = NaN (e^(inf - inf)), out
+    # NaN, lse +inf. Never `l > 0`, which would turn a NaN row into an empty one.
+    empty = l_i == 0
+    out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l_i)[:, None])
+    lse = (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453
+    lse = tl.where(empty, float("-inf"), tl.where(m_i == float("inf"), float("inf"), lse))
     # flat row: batch * seqlen_q + qi (dense), q_start + qi (varlen, where q_start already counts it)
     flat = (batch * seqlen_q + q_start + qi).to(tl.int64)
     o_ptrs = OutPart + split.to(tl.int64) * stride_ps + flat[:, None] * stride_pr + head[:, None] * stride_ph \
@@ -119,13 +123,17 @@ def merge_attention_splits_kernel(
     for _ in range(num_splits):
         lse_s = tl.load(lse_ptrs, mask=ok, other=float("-inf"))
         lse_ptrs += stride_ls
-        m_new = tl.maximum(m, lse_s)
+        m_new = max_nan(m, lse_s)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l = l * tl.exp(m - m_safe) + tl.exp(lse_s - m_safe)
         m = m_new
-    seen = l > 0
+    # as the split kernel's epilogue: l = 0, every range empty: out 0, lse -inf. A range's lse NaN: m, l,
+    # lse and (through the weights) out NaN. A range's lse +inf (no NaN): lse +inf, and its partial out,
+    # NaN, reaches out through the weight e^(inf - inf)
+    seen = l != 0
     lse = tl.where(seen, m + tl.log(tl.where(seen, l, 1.0)), float("-inf"))
     lse_safe = tl.where(seen, lse, 0.0)
+    lse = tl.where(m == float("inf"), float("inf"), lse)
     row = idx // num_heads
     head = idx % num_heads
     tl.store(Lse + (row // rows_per_batch).to(tl.int64) * stride_lb + head * stride_lh

@@ -15,7 +15,8 @@ no L x L intermediate. Dropout is applied to the probabilities that multiply V, 
 import triton
 import triton.language as tl
 
-from mmkern.triton.attention_scores import dot, dropout_keep, log2_scales, score_tile, sequence_bounds
+from mmkern.triton.attention_scores import (dot, dropout_keep, log2_scales, max_nan, row_max, score_tile,
+                                            sequence_bounds)
 
 
 @triton.jit
@@ -70,7 +71,7 @@ def attention_forward_kernel(
         k = tl.load(k_base + cols[:, None].to(tl.int64) * stride_kn + dims[None, :], mask=kv_mask, other=0.0)
         s, _ = score_tile(q, k, rows, cols, q_len, k_len, align, qk_scale, softcap2, slope, window_left, window_right,
                           mask_base + cols[None, :] * stride_mn, SOFTCAP, ALIBI, MASK_KIND, FP32_DOT)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = max_nan(m_i, row_max(s))           # NaN scores stay in m (see the epilogue)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)    # rows that have seen nothing yet
         p = tl.exp2(s - m_safe[:, None])
         rescale = tl.exp2(m_i - m_safe)
@@ -82,9 +83,13 @@ def attention_forward_kernel(
         acc = acc * rescale[:, None] + dot(p.to(v.dtype), v, FP32_DOT)
         m_i = m_new
 
-    seen = l_i > 0
-    out = tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0)
-    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    # As the oracle (torch.logsumexp, softmax): l = 0 exactly, the row saw no key: out 0, lse -inf.
+    # A NaN score: m and l NaN, so out and lse NaN. A +inf score (no NaN): l = NaN (e^(inf - inf)), out
+    # NaN, lse +inf. Never `l > 0`, which would turn a NaN row into an empty one.
+    empty = l_i == 0
+    out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l_i)[:, None])
+    lse = (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453
+    lse = tl.where(empty, float("-inf"), tl.where(m_i == float("inf"), float("inf"), lse))
     o_ptrs = Out + batch.to(tl.int64) * stride_ob + (q_start + rows[:, None]).to(tl.int64) * stride_om \
         + head * stride_oh + dims[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(rows[:, None] < q_len) & (dims[None, :] < head_dim))

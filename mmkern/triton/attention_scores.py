@@ -35,9 +35,42 @@ def dot(a, b, FP32_DOT: tl.constexpr):
 
 
 @triton.jit
-def tanh(x):
-    # tl has no tanh on every supported Triton version; 2 sigmoid(2x) - 1 is exact in float32 to ~1 ulp
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+def tanh_and_slope(x):
+    """(tanh x, 1 - tanh^2 x), float32, both to a few ulps for every x (NaN stays NaN), with tl
+    arithmetic only (no libdevice: the same code on every Triton version and the interpreter).
+
+    |x| < 0.55: tanh x = x + x^3 P(x^2), P a degree-4 fit (relative error 1e-9 < float32's 6e-8), so
+    tiny x keeps full precision (2 sigmoid(2x) - 1 or (e^2x - 1)/(e^2x + 1) cancel: ~6e-8/|x|).
+    |x| >= 0.55: e = exp(-2|x|) <= 0.33, tanh |x| = (1 - e)/(1 + e) without cancellation, and
+    1 - tanh^2 = 4e/(1 + e)^2, accurate where 1 - t*t would cancel (|x| large, the saturated slope)."""
+    y = x * x
+    p = -0.0062824757769703865
+    p = p * y + 0.021077759563922882
+    p = p * y - 0.05385385826230049
+    p = p * y + 0.13332602381706238
+    p = p * y - 0.33333319425582886
+    small = x + x * y * p
+    e = tl.exp2(tl.abs(x) * -2.8853900817779268)        # exp(-2|x|), 2 log2(e) folded
+    r = 1.0 / (1.0 + e)
+    big = (1.0 - e) * r
+    big = tl.where(x < 0, -big, big)
+    is_small = tl.abs(x) < 0.55
+    t = tl.where(is_small, small, big)
+    slope = tl.where(is_small, 1.0 - small * small, 4.0 * e * r * r)
+    return t, slope
+
+
+@triton.jit
+def max_nan(a, b):
+    """max that propagates NaN (max.NaN.f32, as cheap as max.f32): tl.maximum's default drops NaN on a GPU
+    (maxnum) but keeps it under the interpreter (numpy), and NaN rows must behave the same on both."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def row_max(s):
+    """(BLOCK_M,) row maximum of a score tile, NaN if any score of the row is NaN (see max_nan)."""
+    return tl.reduce(s, 1, max_nan)
 
 
 @triton.jit
@@ -51,12 +84,12 @@ def score_tile(q, k, rows, cols, q_len, k_len, align, scale, softcap, slope, win
                SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, FP32_DOT: tl.constexpr):
     """q (BLOCK_M, BLOCK_D), k (BLOCK_N, BLOCK_D), rows (BLOCK_M,), cols (BLOCK_N,); scale, softcap and
     slope (a scalar, or (BLOCK_M, 1) per row) already times log2(e) (see log2_scales).
-    Returns (s * log2(e), tanh_s): masked float32 scores in base 2, and tanh(raw / softcap) for the
-    softcap gradient."""
+    Returns (s * log2(e), cap_slope): masked float32 scores in base 2, and the softcap's derivative
+    d(capped)/d(raw) = 1 - tanh^2(raw / softcap) for the backward (s itself without SOFTCAP; unused)."""
     s = dot(q, tl.trans(k), FP32_DOT) * scale
-    tanh_s = s
+    cap_slope = s
     if SOFTCAP:
-        tanh_s = tanh(s / softcap)
+        tanh_s, cap_slope = tanh_and_slope(s / softcap)
         s = softcap * tanh_s
     aligned = rows[:, None] + align                       # the key position each query row lines up with
     if ALIBI:
@@ -68,7 +101,7 @@ def score_tile(q, k, rows, cols, q_len, k_len, align, scale, softcap, slope, win
     if MASK_KIND == 2:
         s += tl.load(mask_ptrs, mask=in_bounds, other=0.0).to(tl.float32) * 1.4426950408889634
     s = tl.where(visible, s, float("-inf"))
-    return s, tanh_s
+    return s, cap_slope
 
 
 @triton.jit
