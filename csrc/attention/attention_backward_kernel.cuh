@@ -80,12 +80,13 @@ __device__ __forceinline__ void cp_async_4(uint32_t dst, const void* src, bool v
 //   [k][n] tile:                          row r0 + lane % 16,                col c0 + 8 (lane / 16)
 //   B fragments of two n8 tiles n0..n0+15 at k-step k0 of an [n][k] tile (no .trans):
 //                                         row n0 + lane % 8 + 8 (lane / 16),  col k0 + 8 ((lane / 8) % 2)
+// (__host__ too: tests/test_native_attention_backward.py compiles them into a host program for its lane model)
 template <int kStride>
-__device__ __forceinline__ int a_offset(int r0, int c0, int lane) {
+__host__ __device__ __forceinline__ int a_offset(int r0, int c0, int lane) {
   return (r0 + (lane & 15)) * kStride + c0 + ((lane >> 4) << 3);
 }
 template <int kStride>
-__device__ __forceinline__ int b_offset(int n0, int k0, int lane) {
+__host__ __device__ __forceinline__ int b_offset(int n0, int k0, int lane) {
   return (n0 + (lane & 7) + ((lane >> 4) << 3)) * kStride + k0 + (((lane >> 3) & 1) << 3);
 }
 
