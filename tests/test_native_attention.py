@@ -7,6 +7,7 @@
   stores, registers reported; and its SASS holds tensor-core instructions (HMMA) on both architectures.
 The numerics run on a GPU: tests/test_cuda_attention.py (forward), tests/test_cuda_attention_backward.py.
 """
+import math
 import os
 import subprocess
 import sys
@@ -202,3 +203,217 @@ def test_every_attention_kernel_runs_on_tensor_cores(stamp, arch):  # noqa: F811
     for name in kernels:
         assert name in sass, f"{name} has no {arch} SASS in the build"
         assert "HMMA" in sass[name], f"{name} ({arch}) has no tensor-core (HMMA) instruction"
+
+
+# --------------------------------------------------------------------------- the index math, lane by lane
+#
+# No GPU runs here, so the kernel's index math is checked on a lane-level model of it: the shared-memory
+# addresses come from the C++ helpers themselves (mma_primitives.cuh's swizzle / ldmatrix_*_offset, which are
+# __host__ __device__, compiled here with nvcc as a host program); ldmatrix and mma.sync are modelled from the
+# fragment layouts of the PTX ISA (stated in mma_primitives.cuh); the model follows attention_forward_kernel
+# step by step (tile loads, S = Q K^T, masking, base-2 online softmax, P V, epilogue) and must reproduce
+# attention. A change to the kernel's tiling or indexing must be mirrored here.
+
+OFFSETS_PROGRAM = r"""
+#include <cstdio>
+#include "attention/mma_primitives.cuh"
+using namespace mmkern::cuda::mma;
+template <int RE> void dump() {
+  for (int r0 = 0; r0 < 64; r0 += 16)
+    for (int c0 = 0; c0 < RE; c0 += 16)
+      for (int lane = 0; lane < 32; ++lane)
+        std::printf("%d %d %d %d %d %d %d\n", RE, r0, c0, lane, ldmatrix_a_offset<RE>(r0, c0, lane),
+                    ldmatrix_b_offset<RE>(r0, c0, lane), ldmatrix_bt_offset<RE>(r0, c0, lane));
+  for (int row = 0; row < 64; ++row)
+    for (int col = 0; col < RE; col += 8) std::printf("s %d %d %d %d\n", RE, row, col, swizzle<RE>(row, col));
+}
+int main() { dump<64>(); dump<128>(); }
+"""
+
+
+@pytest.fixture(scope="module")
+def cpp_offsets(tmp_path_factory):
+    """{"a"/"b"/"bt": {(RE, r0, c0): [32 lane offsets]}, "swizzle": {(RE, row, col): offset}} from the C++ helpers."""
+    reason = build.cuda_unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"nvcc is needed to compile the index helpers: {reason}")
+    work = tmp_path_factory.mktemp("offsets")
+    (work / "offsets.cu").write_text(OFFSETS_PROGRAM)
+    nvcc = str(build.cuda_home() / "bin" / "nvcc")
+    subprocess.run([nvcc, "-std=c++17", "-I", str(build.CSRC_DIR), str(work / "offsets.cu"), "-o",
+                    str(work / "offsets")], check=True, capture_output=True)
+    text = subprocess.run([str(work / "offsets")], check=True, capture_output=True, text=True).stdout
+    table = {"a": {}, "b": {}, "bt": {}, "swizzle": {}}
+    for line in text.splitlines():
+        f = line.split()
+        if f[0] == "s":
+            table["swizzle"][tuple(map(int, f[1:4]))] = int(f[4])
+            continue
+        RE, r0, c0, lane, a, b, bt = map(int, f)
+        for kind, value in (("a", a), ("b", b), ("bt", bt)):
+            table[kind].setdefault((RE, r0, c0), [0] * 32)[lane] = value
+    return table
+
+
+def _unswizzle(RE, offset):
+    row, within = divmod(offset, RE)
+    return row, ((within // 8) ^ (row % 8)) * 8 + within % 8
+
+
+@pytest.mark.parametrize("RE", [64, 128])
+def test_ldmatrix_addresses_are_the_fragment_rows_and_free_of_bank_conflicts(cpp_offsets, RE):
+    lanes = range(32)
+    for (re, r0, c0), offsets in cpp_offsets["a"].items():
+        if re != RE:
+            continue
+        # A (and P V's .trans B): lanes 0-15 rows r0.., column c0; lanes 16-31 the same rows, column c0 + 8
+        assert [_unswizzle(RE, o) for o in offsets] == [(r0 + l % 16, c0 + (l // 16) * 8) for l in lanes]
+        assert cpp_offsets["bt"][(re, r0, c0)] == offsets
+        # Q K^T's B: matrices (keys n0..+7, k0), (n0..+7, k0+8), (n0+8.., k0), (n0+8.., k0+8)
+        b = cpp_offsets["b"][(re, r0, c0)]
+        assert [_unswizzle(RE, o) for o in b] == [(r0 + l % 8 + (l // 16) * 8, c0 + (l // 8) % 2 * 8) for l in lanes]
+        for table in (offsets, b):
+            for phase in range(4):          # one 8x8 matrix per phase: 8 rows of 16 bytes in 8 distinct bank groups
+                assert len({(o * 2 // 16) % 8 for o in table[8 * phase: 8 * phase + 8]}) == 8
+    rows = {}
+    for (re, row, col), offset in cpp_offsets["swizzle"].items():
+        if re == RE:
+            assert row * RE <= offset < (row + 1) * RE and offset % 8 == 0
+            rows.setdefault(row, set()).add(offset)
+    assert all(len(offsets) == RE // 8 for offsets in rows.values())      # a permutation of the row's chunks
+
+
+def _round(x, dtype):
+    return torch.as_tensor(x, dtype=torch.float64).to(dtype).to(torch.float64)
+
+
+class _LaneModel:
+    """attention_forward_kernel for one (batch, head), lane by lane: 4 warps x 32 lanes, float64 arithmetic
+    (the tensor cores' products are exact in fp32 for 16-bit inputs; the model keeps the roundings to the
+    input dtype where the kernel has them: inputs, P, out)."""
+
+    def __init__(self, offsets, D, dtype):
+        self.off, self.D, self.dtype = offsets, D, dtype
+        self.RE = (D + 63) // 64 * 64
+        lane = torch.arange(32)
+        self.g, self.t = lane // 4, lane % 4
+
+    def load_tile(self, rows_src, row0, rows):
+        smem = torch.full((64 * self.RE,), math.nan, dtype=torch.float64)     # unfilled = NaN: a read shows
+        for r in range(64):
+            for col in range(0, self.D, 8):
+                o = self.off["swizzle"][(self.RE, r, col)]
+                smem[o:o + 8] = rows_src[row0 + r, col:col + 8] if row0 + r < rows else 0.0
+        return smem
+
+    def ldmatrix(self, smem, offsets, trans=False):
+        regs = torch.empty(32, 4, 2, dtype=torch.float64)
+        g, t = self.g, self.t
+        for i in range(4):
+            m = torch.stack([smem[offsets[8 * i + r]: offsets[8 * i + r] + 8] for r in range(8)])
+            if trans:
+                m = m.T
+            regs[:, i, 0], regs[:, i, 1] = m[g, 2 * t], m[g, 2 * t + 1]
+        return regs
+
+    def mma(self, d, a, b0, b1):
+        g, t = self.g, self.t
+        A, B, C = torch.zeros(16, 16, dtype=torch.float64), torch.zeros(16, 8, dtype=torch.float64), \
+            torch.zeros(16, 8, dtype=torch.float64)
+        for j in range(2):
+            A[g, 2 * t + j], A[g + 8, 2 * t + j] = a[:, 0, j], a[:, 1, j]
+            A[g, 2 * t + 8 + j], A[g + 8, 2 * t + 8 + j] = a[:, 2, j], a[:, 3, j]
+            B[2 * t + j, g], B[2 * t + 8 + j, g] = b0[:, j], b1[:, j]
+        C[g, 2 * t], C[g, 2 * t + 1], C[g + 8, 2 * t], C[g + 8, 2 * t + 1] = d[:, 0], d[:, 1], d[:, 2], d[:, 3]
+        D = A @ B + C
+        return torch.stack([D[g, 2 * t], D[g, 2 * t + 1], D[g + 8, 2 * t], D[g + 8, 2 * t + 1]], 1)
+
+    def cta(self, q, k, v, m_block, causal, scale, out, lse):
+        D, RE, g, t = self.D, self.RE, self.g, self.t
+        q_len, k_len = q.shape[0], k.shape[0]
+        m0, diagonal = m_block * 64, k_len - q_len
+        n_blocks = (k_len + 63) // 64
+        if causal:
+            last_key = m0 + 63 + diagonal
+            n_blocks = min(n_blocks, 0 if last_key < 0 else last_key // 64 + 1)
+        o = torch.zeros(4, D // 8, 32, 4, dtype=torch.float64)
+        row_max = torch.full((4, 2, 32), -math.inf, dtype=torch.float64)
+        row_sum = torch.zeros(4, 2, 32, dtype=torch.float64)
+        sQ = self.load_tile(q, m0, q_len)
+        for j in range(n_blocks):
+            sK, sV = self.load_tile(k, j * 64, k_len), self.load_tile(v, j * 64, k_len)
+            n0 = j * 64
+            needs_mask = n0 + 64 > k_len or (causal and n0 + 63 > m0 + diagonal)
+            for w in range(4):
+                s = torch.zeros(8, 32, 4, dtype=torch.float64)
+                for ks in range(D // 16):
+                    a = self.ldmatrix(sQ, self.off["a"][(RE, w * 16, ks * 16)])
+                    for np_ in range(4):
+                        b = self.ldmatrix(sK, self.off["b"][(RE, np_ * 16, ks * 16)])
+                        s[2 * np_] = self.mma(s[2 * np_], a, b[:, 0], b[:, 1])
+                        s[2 * np_ + 1] = self.mma(s[2 * np_ + 1], a, b[:, 2], b[:, 3])
+                s = s * (scale * math.log2(math.e))
+                if needs_mask:
+                    for nb in range(8):
+                        for c in range(4):
+                            key = n0 + nb * 8 + 2 * t + (c & 1)
+                            row = m0 + w * 16 + g + (c >> 1) * 8
+                            s[nb, :, c] = torch.where((key >= k_len) | (causal & (key > row + diagonal)),
+                                                      -math.inf, s[nb, :, c])
+                for rr in range(2):
+                    mx = torch.maximum(row_max[w, rr], s[:, :, 2 * rr:2 * rr + 2].amax(dim=(0, 2)))
+                    mx = mx.view(8, 4).amax(1).repeat_interleave(4)                      # quad max
+                    base = torch.where(mx == -math.inf, 0.0, mx)
+                    alpha = torch.exp2(row_max[w, rr] - base)
+                    row_max[w, rr] = mx
+                    s[:, :, 2 * rr:2 * rr + 2] = torch.exp2(s[:, :, 2 * rr:2 * rr + 2] - base[None, :, None])
+                    row_sum[w, rr] = row_sum[w, rr] * alpha + s[:, :, 2 * rr:2 * rr + 2].sum(dim=(0, 2))
+                    o[w, :, :, 2 * rr:2 * rr + 2] *= alpha[None, :, None]
+                for kk in range(4):
+                    p = _round(s, self.dtype)
+                    a = torch.stack([p[2 * kk][:, 0:2], p[2 * kk][:, 2:4], p[2 * kk + 1][:, 0:2],
+                                     p[2 * kk + 1][:, 2:4]], 1)
+                    for dp in range(D // 16):
+                        b = self.ldmatrix(sV, self.off["bt"][(RE, kk * 16, dp * 16)], trans=True)
+                        o[w, 2 * dp] = self.mma(o[w, 2 * dp], a, b[:, 0], b[:, 1])
+                        o[w, 2 * dp + 1] = self.mma(o[w, 2 * dp + 1], a, b[:, 2], b[:, 3])
+        for w in range(4):
+            for rr in range(2):
+                l = row_sum[w, rr].view(8, 4).sum(1).repeat_interleave(4)                  # quad sum
+                inv = torch.where(l > 0, 1 / torch.where(l > 0, l, 1.0), 0.0)
+                for lane in range(32):
+                    row = m0 + w * 16 + int(g[lane]) + rr * 8
+                    if row >= q_len:
+                        continue
+                    for db in range(D // 8):
+                        col = db * 8 + 2 * int(t[lane])
+                        out[row, col:col + 2] = _round(o[w, db, lane, 2 * rr:2 * rr + 2] * inv[lane], self.dtype)
+                    if t[lane] == 0:
+                        lse[row] = row_max[w, rr, lane] * math.log(2) + math.log(l[lane]) if l[lane] > 0 \
+                            else -math.inf
+
+
+@pytest.mark.parametrize("Lq,Lk,D,causal,dtype", [
+    (17, 17, 64, False, torch.float16), (129, 129, 96, True, torch.bfloat16), (17, 129, 128, True, torch.float16),
+    (100, 17, 64, True, torch.bfloat16), (5, 0, 96, False, torch.float16), (1, 200, 64, True, torch.float16)])
+def test_the_lane_model_of_the_forward_kernel_computes_attention(cpp_offsets, Lq, Lk, D, causal, dtype):
+    q, k, v = (_round(torch.randn(L, D, dtype=torch.float64), dtype) for L in (Lq, Lk, Lk))
+    scale = D ** -0.5
+    model = _LaneModel(cpp_offsets, D, dtype)
+    out = torch.full((Lq, D), math.nan, dtype=torch.float64)
+    lse = torch.full((Lq,), math.nan, dtype=torch.float64)
+    for m_block in range((Lq + 63) // 64):
+        model.cta(q, k, v, m_block, causal, scale, out, lse)
+    assert not out.isnan().any() and not lse.isnan().any(), "an output the model (the kernel) never writes"
+    with mmkern.backend("reference"):
+        ref, ref_lse = mmkern.flash_attn_func(q[None, :, None], k[None, :, None], v[None, :, None], causal=causal,
+                                              softmax_scale=scale, return_lse=True)
+    ref, ref_lse = ref[0, :, 0], ref_lse[0, 0]
+    # P and out are rounded to the dtype (as in the kernel): a few units in its last place of max |v|
+    largest = max(v.abs().max().item() if v.numel() else 0.0, 1.0)
+    assert (out - ref).abs().max().item() <= 4 * torch.finfo(dtype).eps * largest
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    if finite.any():    # the reference's lse is float32 (the ops' contract)
+        err = (lse - ref_lse)[finite].abs().max().item()
+        assert err <= 4 * torch.finfo(torch.float32).eps * max(ref_lse[finite].abs().max().item(), 1.0)

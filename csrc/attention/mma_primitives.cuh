@@ -151,8 +151,9 @@ __device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&r)[2], uint32_t add
 // ---------------------------------------------------------------- swizzled shared-memory tiles
 
 // Element offset of (row, col) in a [rows][kRowElems] tile; col a multiple of 8 (a 16-byte chunk start).
+// (These index helpers are __host__ too: tests/test_native_attention.py runs them on the CPU.)
 template <int kRowElems>
-__device__ __forceinline__ int swizzle(int row, int col) {
+__host__ __device__ __forceinline__ int swizzle(int row, int col) {
   static_assert(kRowElems % 64 == 0, "swizzled rows hold whole groups of 8 chunks of 16 bytes");
   return row * kRowElems + ((((col >> 3) ^ (row & 7))) << 3);
 }
@@ -160,17 +161,17 @@ __device__ __forceinline__ int swizzle(int row, int col) {
 // Lane offsets (elements, swizzled) of the three ldmatrix x4 patterns of the header comment.
 // A fragment (or a .trans B fragment of P V) of the 16x16 block at (r0, c0):
 template <int kRowElems>
-__device__ __forceinline__ int ldmatrix_a_offset(int r0, int c0, int lane) {
+__host__ __device__ __forceinline__ int ldmatrix_a_offset(int r0, int c0, int lane) {
   return swizzle<kRowElems>(r0 + (lane & 15), c0 + ((lane >> 4) << 3));
 }
 // B fragments of two adjacent 8-key blocks n0..n0+15 at k-step k0, from a [key][k] tile (no .trans):
 template <int kRowElems>
-__device__ __forceinline__ int ldmatrix_b_offset(int n0, int k0, int lane) {
+__host__ __device__ __forceinline__ int ldmatrix_b_offset(int n0, int k0, int lane) {
   return swizzle<kRowElems>(n0 + (lane & 7) + ((lane >> 4) << 3), k0 + (((lane >> 3) & 1) << 3));
 }
 // B fragments of O = P V at key step k0 for d n0..n0+15, from a [key][d] tile (.trans): the A pattern.
 template <int kRowElems>
-__device__ __forceinline__ int ldmatrix_bt_offset(int k0, int n0, int lane) {
+__host__ __device__ __forceinline__ int ldmatrix_bt_offset(int k0, int n0, int lane) {
   return ldmatrix_a_offset<kRowElems>(k0, n0, lane);
 }
 
