@@ -1,7 +1,8 @@
 """Attention, issue 3's benchmark: forward, backward and forward+backward TFLOP/s, and decode latency.
 
 Side by side in one run, same inputs per case (mmkern.bench.attention.IMPLS):
-    mmkern_cuda, mmkern_triton   mmkern.flash_attn_func forced onto each of mmkern's backends
+    mmkern_cuda, mmkern_triton   mmkern.flash_attn_func forced onto each of mmkern's backends (mmkern_cuda: the
+                                 CUDA C++ kernels of mmkern._C, csrc/attention/; skipped without a GPU or a build)
     sdpa_flash, sdpa_cudnn, sdpa_efficient, sdpa_math
                                  torch's scaled_dot_product_attention under torch.nn.attention.sdpa_kernel
                                  with one backend each (a row is skipped with torch's reason when that

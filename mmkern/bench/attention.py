@@ -2,6 +2,8 @@
 
 Every implementation is `fn(q, k, v, causal) -> out` in its own layout:
     "blhd"  (batch, seqlen, heads, head_dim): mmkern.flash_attn_func, flash-attn, xformers
+    (mmkern_cuda: mmkern.flash_attn_func forced onto the cuda backend, the CUDA C++ flash attention of
+    mmkern._C: fp16/bf16, head dims 64/96/128; a case it cannot take is skipped with the backend's reasons)
     "bhld"  (batch, heads, seqlen, head_dim): torch SDPA and the eager code
 The caller makes inputs directly in that layout (no transpose inside the timed region).
 Decode implementations are `fn(q, k_cache, v_cache, cache_seqlens) -> out` (Lq query tokens against
