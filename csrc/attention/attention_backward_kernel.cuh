@@ -281,7 +281,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Back
 #pragma unroll
       for (int j = 0; j < 4; ++j) st[i][j] = dpt[i][j] = 0.f;
     }
-#pragma unroll 2
+#pragma unroll 1   // rolled: leaves registers for dK, dV (D = 128: 128 of them) without spills
     for (int kk = 0; kk < D / 16; ++kk) {
       uint32_t ak[4], av[4];
       ldmatrix_x4(ak, k_frag + kk * 32);
