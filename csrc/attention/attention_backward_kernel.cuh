@@ -2,39 +2,34 @@
 //
 // Three kernels, no atomics (every run gives the same bits, deterministic or not):
 //   attention_bwd_delta_kernel  delta = rowsum(dO * O) - dlse, float32, laid out like lse. One warp per (row, head).
-//   attention_bwd_dkdv_kernel   one block per (key tile of kBlockN keys, batch, kv head). Warp w owns key rows
-//                               [16w, 16w + 16) of the tile and keeps their dK, dV (16 x D, fp32) in registers;
-//                               the block walks the query tiles (kBlockM rows) that can see the tile, for every
-//                               query head of the GQA group (the group sum needs no atomics):
-//                                 S^T  = K Q^T             (16 x kBlockM per warp)
+//   attention_bwd_dkdv_kernel   one block per (key tile of Tiles<D>::kDkdvN = 64 keys, batch, kv head). Warp w owns
+//                               key rows [16w, 16w + 16) of the tile and keeps their dK, dV (16 x D, fp32) in
+//                               registers; the block walks the query tiles (kDkdvM rows) that can see the key tile,
+//                               for every query head of the GQA group (the group sum needs no atomics):
+//                                 S^T  = K Q^T             (16 x kDkdvM per warp)
 //                                 P^T  = exp2(S^T scale log2e - lse log2e)      (0 where masked or lse = -inf)
 //                                 dP^T = V dO^T
 //                                 dV  += P^T dO
 //                                 dS^T = P^T (dP^T - delta)
 //                                 dK  += dS^T Q            (times scale at the end)
-//   attention_bwd_dq_kernel     one block per (query tile of kBlockM rows, batch, head); warp w owns query rows
-//                               [16w, 16w + 16) and keeps dQ (16 x D) in registers; walks the key tiles it sees:
-//                                 S = Q K^T, P, dP = dO V^T, dS = P (dP - delta), dQ += dS K (times scale at the end)
+//   attention_bwd_dq_kernel     one block per (query tile of kDqM = 64 rows, batch, head); warp w owns query rows
+//                               [16w, 16w + 16) and keeps dQ (16 x D) in registers; walks the key tiles (kDqN
+//                               keys) it sees: S = Q K^T, P, dP = dO V^T, dS = P (dP - delta), dQ += dS K (x scale)
+// Causal (bottom-right: query i sees key j iff j <= i + k_len - q_len) skips the tiles nobody sees: the dK/dV
+// kernel starts at the first query tile that sees its key tile, the dQ kernel stops after the last key tile its
+// queries see; the mask is applied elementwise inside the tiles (with the sequence bounds).
 // Memory traffic: K, V read once per key tile and Q, dO, lse, delta once per visiting (query tile, key tile) pair in
 // the dK/dV kernel; the converse in the dQ kernel. No L x L intermediate, nothing but dq/dk/dv written.
 //
 // Matrix products: mma.sync.aligned.m16n8k16 (fp16 / bf16 in, fp32 accumulate), operands from shared memory by
 // ldmatrix (.trans where the stored tile is the transpose of the operand), P^T and dS^T fed from the accumulator
-// registers (the C fragments of two adjacent n8 tiles are the A fragment of one k16 step). Shared tiles are
-// row-major (rows, D) with each row padded by 16 bytes: the 8 row addresses of one ldmatrix matrix then fall in 8
-// different 16-byte bank groups for D = 64, 96 and 128 (row strides 36, 52, 68 words: 4r, 20r, 4r mod 32 distinct
-// for r < 8), so the reads have no bank conflicts; cp.async needs only the 16-byte alignment the padding keeps.
-// Tiles are filled with cp.async (16-byte copies, zero-filled past the sequence end) into two buffers: the next
-// tile streams in while the current one is multiplied.
-//
-// Fragment layouts of mma.m16n8k16 (PTX ISA, "Matrix Fragments for mma.m16n8k16"), g = lane / 4, t = lane % 4:
-//   A (16 x 16, row-major), 4 x b32 holding 2 elements each:
-//     a0 = (g, 2t..2t+1)  a1 = (g+8, 2t..2t+1)  a2 = (g, 2t+8..2t+9)  a3 = (g+8, 2t+8..2t+9)
-//   B (16 x 8, "col": element (k, n)), 2 x b32:  b0 = (2t..2t+1, g)  b1 = (2t+8..2t+9, g)
-//   C/D (16 x 8 fp32), 4 floats:  c0, c1 = (g, 2t), (g, 2t+1)   c2, c3 = (g+8, 2t), (g+8, 2t+1)
-//   The lower-index element of a pair sits in the low 16 bits.
-// ldmatrix.x4: lanes 8i..8i+7 give the row addresses of 8 x 8 matrix i; register i of lane l then holds row l / 4,
-// columns 2 (l % 4) .. +1 of matrix i (with .trans: rows 2 (l % 4) .. +1 of column l / 4, i.e. the transpose).
+// registers (the C fragments of two adjacent n8 tiles, rounded to 16 bits, are the A fragment of one k16 step).
+// The fragment layouts and the ldmatrix lane/register mapping are stated in mma_primitives.cuh (PTX ISA).
+// Shared tiles are row-major (rows, D) with each row padded by 16 bytes (mma_primitives.cuh's XOR swizzle needs
+// rows of a multiple of 64 elements; padding serves D = 96 too): the 8 row addresses of one ldmatrix matrix then
+// fall in 8 different 16-byte bank groups (row strides 36, 52, 68 words for D = 64, 96, 128: 4r, 20r, 4r mod 32
+// distinct for r < 8), so the reads have no bank conflicts. Tiles are filled with cp.async (16-byte copies,
+// zero-filled past the sequence end) into two buffers: the next tile streams in while the current one is multiplied.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -53,9 +48,8 @@ constexpr int kThreads = kWarps * 32;
 constexpr float kLog2e = 1.4426950408889634f;
 
 // ------------------------------------------------------------------ primitives
-// mma.sync, ldmatrix, cp.async and packing come from mma_primitives.cuh (shared with the forward). Its swizzled
-// layout needs rows of a multiple of 64 elements; the backward pads rows by 8 elements instead (one layout for
-// D = 64, 96, 128), so only the lane-address patterns are restated here for padded tiles.
+// mma.sync, ldmatrix, cp.async and packing come from mma_primitives.cuh (shared with the forward); the lane-address
+// patterns are restated here for the padded tiles.
 
 using mmkern::cuda::mma::Bf16;
 using mmkern::cuda::mma::Fp16;
@@ -75,7 +69,7 @@ __device__ __forceinline__ void cp_async_4(uint32_t dst, const void* src, bool v
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0));
 }
 
-// Lane offsets (elements) into a padded row-major tile [rows][kStride] for ldmatrix x4 (header comment):
+// Lane offsets (elements) into a padded row-major tile [rows][kStride] for ldmatrix x4 (mma_primitives.cuh):
 //   A fragment of the 16x16 block at (r0, c0); also the .trans B fragments of two n8 tiles at (k0, n0) of a
 //   [k][n] tile:                          row r0 + lane % 16,                col c0 + 8 (lane / 16)
 //   B fragments of two n8 tiles n0..n0+15 at k-step k0 of an [n][k] tile (no .trans):
