@@ -76,10 +76,10 @@ def varlen_case(causal, D, H=4, H_kv=2):
                 cast=("q", "k", "v"))
 
 
-def kvcache_case(Lq, causal, D):
+def kvcache_case(Lq, causal, D, H=8):
     seqlens = torch.tensor([0, 17, 129, 200], dtype=torch.int32, device=DEVICE)
-    return Case("flash_attn_with_kvcache", f"Lq{Lq} cache 200 used {seqlens.tolist()} D{D}",
-                lambda: dict(q=r(4, Lq, 8, D), kc=r(4, 200, 2, D), vc=r(4, 200, 2, D)),
+    return Case("flash_attn_with_kvcache", f"Lq{Lq} H{H}/2 cache 200 used {seqlens.tolist()} D{D}",
+                lambda: dict(q=r(4, Lq, H, D), kc=r(4, 200, 2, D), vc=r(4, 200, 2, D)),
                 lambda q, kc, vc: mmkern.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=seqlens, causal=causal,
                                                                  return_lse=True),
                 cast=("q", "kc", "vc"))
@@ -88,10 +88,6 @@ def kvcache_case(Lq, causal, D):
 def all_cases(D):
     return ([dense_case(name, D) for name in DENSE] + [varlen_case(c, D) for c in (False, True)]
             + [kvcache_case(Lq, c, D) for Lq, c in ((1, True), (17, True), (17, False))])
-
-
-def _ids(D):
-    return [f"{c.op} {c.shape}" for c in all_cases(D)]
 
 
 @pytest.mark.parametrize("D", HEAD_DIMS)
@@ -111,12 +107,18 @@ def _err(a, b):
     return torch.where(same, torch.zeros_like(a), (a - b).abs()).max().item() if a.numel() else 0.0
 
 
+def triton_cases(D):
+    """One case per sequence layout (dense, varlen, KV cache), all grouped 4/2 and causal: each Triton
+    specialisation is a JIT compile on the GPU machine (seconds), so the comparison keeps to a few."""
+    return [dense_case("GQA 4/2 causal 65x200", D), varlen_case(True, D), kvcache_case(17, True, D, H=4)]
+
+
 @pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
 @pytest.mark.parametrize("D", HEAD_DIMS)
 def test_forward_matches_the_triton_backend(D, dtype):
     """cuda vs triton on the same inputs: within twice the triton kernel's own error against float64 plus a few
     units in the last place (both accumulate in fp32 but in different orders and tile sizes)."""
-    for case in all_cases(D):
+    for case in triton_cases(D):
         inputs = case.make()
         with mmkern.backend("reference"):
             oracle = case.run(**inputs)

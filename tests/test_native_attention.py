@@ -170,14 +170,19 @@ def test_cpu_tensors_are_refused_and_auto_takes_another_backend():
 
 # --------------------------------------------------------------------------- the compiled kernels
 
+# the architectures of this build: "80;90" by default (CI); scripts/gpu_check.sh builds for its GPU only
+ARCHS = [f"sm_{a}" for a in build.cuda_archs()]
+
+
 def _attention_records(stamp):  # noqa: F811
     return [r for r in stamp["ptxas"] if "/csrc/attention/" in r.get("source", "").replace(os.sep, "/")]
 
 
 @needs_cuda_build
 def test_every_attention_kernel_compiles_for_sm80_and_sm90_without_spills(stamp):  # noqa: F811
+    assert stamp["cuda_archs"] == build.cuda_archs()
     records = _attention_records(stamp)
-    for arch in ("sm_80", "sm_90"):
+    for arch in ARCHS:
         names = [r["kernel"] for r in records if r["arch"] == arch]
         # the forward: {fp16, bf16} x head dim {64, 96, 128}
         forward = [n for n in names if "attention_forward_kernel" in n]
@@ -193,7 +198,7 @@ NO_MATRIX_PRODUCT = ("attention_bwd_delta_kernel",)
 
 @needs_cuda_build
 @pytest.mark.skipif(cuobjdump() is None, reason=CUOBJDUMP_HINT)
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_every_attention_kernel_runs_on_tensor_cores(stamp, arch):  # noqa: F811
     """The SASS of each attention kernel holds HMMA (mma.sync on the tensor cores), for both architectures."""
     sass = kernel_sass(str(native.find_build()[1]), arch)
