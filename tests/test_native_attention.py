@@ -64,6 +64,9 @@ def test_mmkern_info_lists_the_attention_ops_on_the_cuda_backend():
     start = next(i for i, line in enumerate(lines) if line.strip().startswith("cuda "))
     ops_line = next(line for line in lines[start + 1:] if line.strip().startswith("ops:"))
     assert "attention_forward" in ops_line and "attention_backward" in ops_line
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith("cpu "))
+    ops_line = next(line for line in lines[start + 1:] if line.strip().startswith("ops:"))
+    assert "attention" not in ops_line
 
 
 # --------------------------------------------------------------------------- reasons
@@ -162,7 +165,9 @@ def test_cpu_tensors_are_refused_and_auto_takes_another_backend():
     q = torch.randn(1, 5, 2, 64, dtype=torch.float16)
     inputs = _forward_inputs(q=q, k=q, max_seqlen_q=5, max_seqlen_k=5)
     assert adapter.forward_reasons(**inputs) == [adapter.CUDA_ONLY]
-    assert adapter.CUDA_ONLY in dispatch.not_supported_reasons("attention_forward", "cpu", q.device, inputs)
+    # the adapters are registered for the cuda backend only: the cpu backend has no attention kernel
+    for op in ("attention_forward", "attention_backward"):
+        assert op in dispatch.backends()["cuda"].kernels and op not in dispatch.backends()["cpu"].kernels
     assert dispatch.select("attention_forward", q.device, inputs) not in ("cpu", "cuda")
     out = mmkern.flash_attn_func(q, q, q)       # runs on whichever backend took it
     assert out.shape == q.shape and torch.isfinite(out).all()

@@ -27,7 +27,7 @@ import threading
 
 from mmkern.dispatch import register_kernel
 
-# op -> (module of mmkern/native/, run function, reasons function)
+# op -> (module of mmkern/native/, run function, reasons function[, backends: default both])
 KERNELS = {
     "norm_residual_forward": ("norm", "norm_forward", "norm_forward_reasons"),
     "norm_residual_backward": ("norm", "norm_backward", "norm_backward_reasons"),
@@ -40,8 +40,10 @@ KERNELS = {
     "euler_step": ("diffusion", "euler_step", "reasons"),
     "euler_scale_model_input": ("diffusion", "euler_scale_model_input", "reasons"),
     "euler_add_noise": ("diffusion", "euler_add_noise", "reasons"),
-    "attention_forward": ("attention", "attention_forward", "forward_reasons"),
-    "attention_backward": ("attention", "attention_backward", "backward_reasons"),
+    # CUDA kernels only (no C++ CPU attention): registered for the cuda backend alone, so the cpu backend
+    # does not list them and is never chosen (or forced) for attention
+    "attention_forward": ("attention", "attention_forward", "forward_reasons", ("cuda",)),
+    "attention_backward": ("attention", "attention_backward", "backward_reasons", ("cuda",)),
 }
 BACKENDS = ("cpu", "cuda")
 NAMESPACE = "mmkern_C"
@@ -211,5 +213,6 @@ def _lazy_reasons(module: str, function: str):
 
 
 for _backend in BACKENDS:
-    for _op, (_module, _run, _reasons) in KERNELS.items():
-        register_kernel(_op, _backend, _lazy_run(_module, _run), _lazy_reasons(_module, _reasons))
+    for _op, (_module, _run, _reasons, *_only) in KERNELS.items():
+        if _backend in (_only[0] if _only else BACKENDS):
+            register_kernel(_op, _backend, _lazy_run(_module, _run), _lazy_reasons(_module, _reasons))
