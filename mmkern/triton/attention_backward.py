@@ -1,7 +1,7 @@
 """Triton flash attention backward: two kernels, no atomics, so every run gives the same bits.
 
 Both recompute the probabilities from the forward's log-sum-exp instead of storing them:
-    p = exp(s - lse)                       (0 where lse = -inf)
+    p = exp(s - lse)                       (natural units, as the oracle; 0 where lse = -inf)
     dV = dropout(p)^T dO                   dP = dropout(dO V^T)
     dS = p (dP - delta),  delta = rowsum(dO * O) - dlse
     dS *= 1 - tanh^2                       (softcap, from score_tile; the additive mask's gradient is dS before this)
@@ -18,15 +18,16 @@ Memory traffic: Q, dO, K, V read once per visiting tile pair; no L x L intermedi
 import triton
 import triton.language as tl
 
-from mmkern.triton.attention_scores import dot, dropout_keep, log2_scales, score_tile, sequence_bounds
+from mmkern.triton.attention_scores import dot, dropout_keep, score_tile, sequence_bounds
 
 
 @triton.jit
-def _probabilities(s2, lse):
-    """exp(s - lse) = exp2(s2 - lse log2(e)) with s2 = s log2(e) from score_tile; 0 in rows that see
-    no key (lse = -inf)."""
+def _probabilities(s, lse):
+    """p = exp(s - lse), s from score_tile (natural units), as the oracle forms it: the
+    difference first (error ~eps |lse|, once), then exp. 0 in rows that see no key (lse = -inf); a NaN
+    or +inf lse (a NaN / +inf score in the forward) gives NaN, as the oracle's."""
     seen = lse != float("-inf")
-    return tl.where(seen[:, None], tl.exp2(s2 - (tl.where(seen, lse, 0.0) * 1.4426950408889634)[:, None]), 0.0)
+    return tl.where(seen[:, None], tl.exp(s - tl.where(seen, lse, 0.0)[:, None]), 0.0)
 
 
 @triton.jit
@@ -61,7 +62,6 @@ def attention_dkdv_kernel(
                 + kv_head * stride_vh + dims[None, :], mask=kv_mask, other=0.0)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    qk_scale, softcap2 = log2_scales(scale, softcap)
 
     # query rows that can see this key tile: [lo, hi)
     lo = tl.maximum(n_start - align - window_right, 0)
@@ -72,7 +72,7 @@ def attention_dkdv_kernel(
         batch_head = batch * num_heads + head
         slope = 0.0
         if ALIBI:
-            slope = tl.load(Alibi + batch * stride_ab + head) * 1.4426950408889634
+            slope = tl.load(Alibi + batch * stride_ab + head)
         q_base = Q + batch.to(tl.int64) * stride_qb + q_start.to(tl.int64) * stride_qm + head * stride_qh
         do_base = DO + batch.to(tl.int64) * stride_dob + q_start.to(tl.int64) * stride_dom + head * stride_doh
         stat_base = batch.to(tl.int64) * stride_lb + head * stride_lh + q_start.to(tl.int64) * stride_lm
@@ -85,7 +85,7 @@ def attention_dkdv_kernel(
             delta = tl.load(Delta + stat_base + rows * stride_lm, mask=rows < q_len, other=0.0)
             mask_ptrs = Mask + batch.to(tl.int64) * stride_mb + head * stride_mh \
                 + rows[:, None].to(tl.int64) * stride_mm + cols[None, :] * stride_mn
-            s, cap_slope = score_tile(q, k, rows, cols, q_len, k_len, align, qk_scale, softcap2, slope, window_left,
+            s, cap_slope = score_tile(q, k, rows, cols, q_len, k_len, align, scale, softcap, slope, window_left,
                                    window_right, mask_ptrs, SOFTCAP, ALIBI, MASK_KIND, FP32_DOT)
             p = _probabilities(s, lse)
             dp = dot(do, tl.trans(v), FP32_DOT)
@@ -150,10 +150,9 @@ def attention_dq_kernel(
     k_base = K + batch.to(tl.int64) * stride_kb + k_start.to(tl.int64) * stride_kn + kv_head * stride_kh
     v_base = V + batch.to(tl.int64) * stride_vb + k_start.to(tl.int64) * stride_vn + kv_head * stride_vh
     mask_base = Mask + batch.to(tl.int64) * stride_mb + head * stride_mh + rows[:, None].to(tl.int64) * stride_mm
-    qk_scale, softcap2 = log2_scales(scale, softcap)
     slope = 0.0
     if ALIBI:
-        slope = tl.load(Alibi + batch * stride_ab + head) * 1.4426950408889634
+        slope = tl.load(Alibi + batch * stride_ab + head)
 
     lo = tl.maximum(m_start + align - window_left, 0)
     lo = (lo // BLOCK_N) * BLOCK_N
@@ -164,7 +163,7 @@ def attention_dq_kernel(
         kv_mask = (cols[:, None] < k_len) & (dims[None, :] < head_dim)
         k = tl.load(k_base + cols[:, None].to(tl.int64) * stride_kn + dims[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + cols[:, None].to(tl.int64) * stride_vn + dims[None, :], mask=kv_mask, other=0.0)
-        s, cap_slope = score_tile(q, k, rows, cols, q_len, k_len, align, qk_scale, softcap2, slope, window_left,
+        s, cap_slope = score_tile(q, k, rows, cols, q_len, k_len, align, scale, softcap, slope, window_left,
                                window_right, mask_base + cols[None, :] * stride_mn, SOFTCAP, ALIBI, MASK_KIND,
                                FP32_DOT)
         p = _probabilities(s, lse)

@@ -20,7 +20,7 @@ num_splits * rows * heads * (head_dim + 1) float32 written and read once; O(L) i
 import triton
 import triton.language as tl
 
-from mmkern.triton.attention_scores import dot, max_nan, row_max, log2_scales, score_tile, sequence_bounds
+from mmkern.triton.attention_scores import LOG2E, dot, max_nan, row_max, score_tile, sequence_bounds
 
 
 @triton.jit
@@ -55,10 +55,9 @@ def attention_decode_split_kernel(
                 other=0.0)
     k_base = K + batch.to(tl.int64) * stride_kb + k_start.to(tl.int64) * stride_kn + kv_head * stride_kh
     v_base = V + batch.to(tl.int64) * stride_vb + k_start.to(tl.int64) * stride_vn + kv_head * stride_vh
-    qk_scale, softcap2 = log2_scales(scale, softcap)
     slope = tl.zeros((BLOCK_M, 1), tl.float32)
     if ALIBI:
-        slope = (tl.load(Alibi + batch * stride_ab + head, mask=row_ok, other=0.0) * 1.4426950408889634)[:, None]
+        slope = (tl.load(Alibi + batch * stride_ab + head, mask=row_ok, other=0.0))[:, None]
 
     # this split's keys, [split_lo, split_hi), cut to what the rows can see; split_len is a multiple
     # of BLOCK_N, so tiles never straddle two splits
@@ -77,12 +76,12 @@ def attention_decode_split_kernel(
         cols = n_start + cols0
         kv_mask = (cols[:, None] < split_hi) & (dims[None, :] < head_dim)
         k = tl.load(k_base + cols[:, None].to(tl.int64) * stride_kn + dims[None, :], mask=kv_mask, other=0.0)
-        s, _ = score_tile(q, k, qi, cols, q_len, split_hi, align, qk_scale, softcap2, slope, window_left,
+        s, _ = score_tile(q, k, qi, cols, q_len, split_hi, align, scale, softcap, slope, window_left,
                           window_right, Q, SOFTCAP, ALIBI, 0, FP32_DOT)
         m_new = max_nan(m_i, row_max(s))           # NaN scores stay in m (see the epilogue)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        rescale = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s * LOG2E - (m_safe * LOG2E)[:, None])     # e^(s - m): one FMA and exp2 per score
+        rescale = tl.exp2((m_i - m_safe) * LOG2E)
         l_i = l_i * rescale + tl.sum(p, 1)
         v = tl.load(v_base + cols[:, None].to(tl.int64) * stride_vn + dims[None, :], mask=kv_mask, other=0.0)
         acc = acc * rescale[:, None] + dot(p.to(v.dtype), v, FP32_DOT)
@@ -93,7 +92,7 @@ def attention_decode_split_kernel(
     # NaN, lse +inf. Never `l > 0`, which would turn a NaN row into an empty one.
     empty = l_i == 0
     out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l_i)[:, None])
-    lse = (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453
+    lse = m_i + tl.log(tl.where(empty, 1.0, l_i))
     lse = tl.where(empty, float("-inf"), tl.where(m_i == float("inf"), float("inf"), lse))
     # flat row: batch * seqlen_q + qi (dense), q_start + qi (varlen, where q_start already counts it)
     flat = (batch * seqlen_q + q_start + qi).to(tl.int64)

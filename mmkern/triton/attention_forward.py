@@ -7,7 +7,7 @@ h reads kv head h // GROUP) and keeps a running max m, running sum l and the out
     m' = max(m, rowmax(s));  l = l e^(m - m') + rowsum(e^(s - m'));  acc = acc e^(m - m') + dropout(e^(s - m')) v
     out = acc / l,  lse = m + log l         (a row that sees no key: out 0, lse -inf)
 
-computed in base 2 (s, m times log2(e), exp2; see attention_scores), lse stored in natural log.
+scores, m and lse in natural units, exponentiated as exp2(s log2(e) - m log2(e)) (see attention_scores).
 
 Memory traffic per program: q once, each visible K/V tile once, out and lse once: O(L) memory,
 no L x L intermediate. Dropout is applied to the probabilities that multiply V, not to l.
@@ -15,7 +15,7 @@ no L x L intermediate. Dropout is applied to the probabilities that multiply V, 
 import triton
 import triton.language as tl
 
-from mmkern.triton.attention_scores import (dot, dropout_keep, log2_scales, max_nan, row_max, score_tile,
+from mmkern.triton.attention_scores import (LOG2E, dot, dropout_keep, max_nan, row_max, score_tile,
                                             sequence_bounds)
 
 
@@ -52,10 +52,9 @@ def attention_forward_kernel(
     k_base = K + batch.to(tl.int64) * stride_kb + k_start.to(tl.int64) * stride_kn + kv_head * stride_kh
     v_base = V + batch.to(tl.int64) * stride_vb + k_start.to(tl.int64) * stride_vn + kv_head * stride_vh
     mask_base = Mask + batch.to(tl.int64) * stride_mb + head * stride_mh + rows[:, None].to(tl.int64) * stride_mm
-    qk_scale, softcap2 = log2_scales(scale, softcap)
     slope = 0.0
     if ALIBI:
-        slope = tl.load(Alibi + batch * stride_ab + head) * 1.4426950408889634
+        slope = tl.load(Alibi + batch * stride_ab + head)
 
     # keys this block of rows can see: [lo, hi)
     lo = tl.maximum(m_start + align - window_left, 0)
@@ -69,12 +68,12 @@ def attention_forward_kernel(
         cols = n_start + cols0
         kv_mask = (cols[:, None] < k_len) & (dims[None, :] < head_dim)
         k = tl.load(k_base + cols[:, None].to(tl.int64) * stride_kn + dims[None, :], mask=kv_mask, other=0.0)
-        s, _ = score_tile(q, k, rows, cols, q_len, k_len, align, qk_scale, softcap2, slope, window_left, window_right,
+        s, _ = score_tile(q, k, rows, cols, q_len, k_len, align, scale, softcap, slope, window_left, window_right,
                           mask_base + cols[None, :] * stride_mn, SOFTCAP, ALIBI, MASK_KIND, FP32_DOT)
         m_new = max_nan(m_i, row_max(s))           # NaN scores stay in m (see the epilogue)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)    # rows that have seen nothing yet
-        p = tl.exp2(s - m_safe[:, None])
-        rescale = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s * LOG2E - (m_safe * LOG2E)[:, None])     # e^(s - m): one FMA and exp2 per score
+        rescale = tl.exp2((m_i - m_safe) * LOG2E)
         l_i = l_i * rescale + tl.sum(p, 1)
         if DROPOUT:
             keep = dropout_keep(seed, batch_head, rows, cols, max_seqlen_q, max_seqlen_k, dropout_p)
@@ -88,7 +87,7 @@ def attention_forward_kernel(
     # NaN, lse +inf. Never `l > 0`, which would turn a NaN row into an empty one.
     empty = l_i == 0
     out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l_i)[:, None])
-    lse = (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453
+    lse = m_i + tl.log(tl.where(empty, 1.0, l_i))
     lse = tl.where(empty, float("-inf"), tl.where(m_i == float("inf"), float("inf"), lse))
     o_ptrs = Out + batch.to(tl.int64) * stride_ob + (q_start + rows[:, None]).to(tl.int64) * stride_om \
         + head * stride_oh + dims[None, :]

@@ -10,10 +10,14 @@ is the single definition of what a score is, so they can never disagree:
     s = -inf where the key is not visible: col >= k_len, row >= q_len, or outside the window
         [row + align - window_left, row + align + window_right]   (causal: window_right = 0)
 
-The tile comes back in base-2 units, s * log2(e), so the kernels exponentiate with exp2 (one MUFU
-instruction; exp is exp2 plus a multiply): log2(e) is folded into the scalars the caller passes
-(`log2_scales`: scale, softcap and ALiBi slope times log2(e)), the float mask is multiplied once.
-The log-sum-exp stays in natural log at the API: lse = (m2 + log2 l) ln 2.
+Scores are in natural units everywhere, formed exactly as the float64 oracle forms them (scale
+times the dot, then softcap, ALiBi, mask), so the forward's lse and the backward's recomputed
+p = exp(s - lse) describe the same numbers. The online softmax still exponentiates with exp2 (one
+MUFU instruction): exp(s - m) = exp2(s log2(e) - m log2(e)), one fused multiply-add per score on a GPU,
+as in FlashAttention; the max and the lse stay natural (lse = m + ln l, as torch.logsumexp). Folding
+log2(e) into the scale instead (base-2 scores) rounded scale log2(e) once for all scores of a row:
+a shared relative error that the backward's conversion of lse back to base 2 did not cancel, and
+that dV, dK and dQ summed coherently (fp32 errors above 2x eager's: issue 3, part C).
 
 `align` is k_len - q_len for flash-attn's bottom-right alignment, 0 for torch SDPA's top-left.
 Unbounded windows arrive as a large number (UNBOUNDED), so the window test needs no branches.
@@ -22,6 +26,7 @@ import triton
 import triton.language as tl
 
 UNBOUNDED = 1 << 30
+LOG2E = tl.constexpr(1.4426950408889634)    # exp(x) = exp2(x log2(e))
 
 
 @triton.jit
@@ -74,18 +79,12 @@ def row_max(s):
 
 
 @triton.jit
-def log2_scales(scale, softcap):
-    """(scale, softcap) times log2(e): with them score_tile returns s * log2(e)."""
-    return scale * 1.4426950408889634, softcap * 1.4426950408889634
-
-
-@triton.jit
 def score_tile(q, k, rows, cols, q_len, k_len, align, scale, softcap, slope, window_left, window_right, mask_ptrs,
                SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, FP32_DOT: tl.constexpr):
-    """q (BLOCK_M, BLOCK_D), k (BLOCK_N, BLOCK_D), rows (BLOCK_M,), cols (BLOCK_N,); scale, softcap and
-    slope (a scalar, or (BLOCK_M, 1) per row) already times log2(e) (see log2_scales).
-    Returns (s * log2(e), cap_slope): masked float32 scores in base 2, and the softcap's derivative
-    d(capped)/d(raw) = 1 - tanh^2(raw / softcap) for the backward (s itself without SOFTCAP; unused)."""
+    """q (BLOCK_M, BLOCK_D), k (BLOCK_N, BLOCK_D), rows (BLOCK_M,), cols (BLOCK_N,); slope a scalar, or
+    (BLOCK_M, 1) per row. Returns (s, cap_slope): masked float32 scores (natural units), and the
+    softcap's derivative d(capped)/d(raw) = 1 - tanh^2(raw / softcap) for the backward (s itself
+    without SOFTCAP; unused)."""
     s = dot(q, tl.trans(k), FP32_DOT) * scale
     cap_slope = s
     if SOFTCAP:
@@ -99,7 +98,7 @@ def score_tile(q, k, rows, cols, q_len, k_len, align, scale, softcap, slope, win
     if MASK_KIND == 1:
         visible &= tl.load(mask_ptrs, mask=in_bounds, other=0) != 0
     if MASK_KIND == 2:
-        s += tl.load(mask_ptrs, mask=in_bounds, other=0.0).to(tl.float32) * 1.4426950408889634
+        s += tl.load(mask_ptrs, mask=in_bounds, other=0.0).to(tl.float32)
     s = tl.where(visible, s, float("-inf"))
     return s, cap_slope
 
