@@ -19,7 +19,8 @@
 #                                                           pytest, pytest-benchmark, matplotlib; every module
 #   build        MMKERN_CUDA_ARCHS=<this GPU> python -m     imported; mmkern info; the build command's options)
 #                mmkern build; a failed build is logged, and the Triton steps still run
-#   tests_cuda   pytest on the CUDA backend's tests: tests/test_native_*.py, tests/test_cuda_*.py
+#   tests_cuda_attention  the CUDA C++ attention's tests: tests/test_cuda_attention*.py, test_native_attention*.py
+#   tests_cuda   pytest on the rest of the CUDA backend's tests: tests/test_native_*.py, tests/test_cuda_*.py
 #   tests_triton pytest on every other test file (the Triton backend, the ops, modules, GPU-only sync
 #                tests), except tests/test_triton_aot.py (a CPU compile job that CI already runs) and
 #                the test that runs this script's dry run
@@ -69,8 +70,11 @@ step() {
     return 0
 }
 
-# The CUDA backend's test files, then every other one (Triton and the rest), minus the AOT compile job.
-CUDA_TESTS=$(ls tests/test_native_*.py tests/test_cuda_*.py 2>/dev/null | tr '\n' ' ')
+# The CUDA C++ attention's test files first, then the rest of the CUDA backend's, then every other one
+# (Triton and the rest), minus the AOT compile job.
+ATTENTION_TESTS=$(ls tests/test_cuda_attention*.py tests/test_native_attention*.py 2>/dev/null | tr '\n' ' ')
+CUDA_TESTS=$(ls tests/test_native_*.py tests/test_cuda_*.py 2>/dev/null | grep -v -e '^tests/test_cuda_attention' \
+             -e '^tests/test_native_attention' | tr '\n' ' ')
 OTHER_TESTS=$(ls tests/test_*.py | grep -v -e '^tests/test_native_' -e '^tests/test_cuda_' \
               -e '^tests/test_triton_aot.py$' | tr '\n' ' ')
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rfEs)
@@ -96,7 +100,7 @@ except ImportError:
 mmkern.build.add_arguments(argparse.ArgumentParser())
 sys.exit(mmkern.cli.main([\"info\"]))'"
     # both test steps' files collected in one pytest process (a GPU run runs them in two)
-    step tests_collect 150 "${PYTEST[@]}" --collect-only $CUDA_TESTS $OTHER_TESTS
+    step tests_collect 150 "${PYTEST[@]}" --collect-only $ATTENTION_TESTS $CUDA_TESTS $OTHER_TESTS
     # pytest collects every benchmark file before -k deselects, so this also checks the whole suite's
     # collection; the selected rows run for real, at tiny sizes, through the same fixture and JSON
     step bench 180 env MMKERN_BENCH_SIZES=quick "${PYTEST[@]}" benchmarks \
@@ -115,19 +119,20 @@ else
     # build against MMKERN_CUDA_ARCHS, and would rebuild for the default "80;90" without it
     export MMKERN_CUDA_ARCHS="$ARCH"
     step build 150 "$PY" -m mmkern build
+    step tests_cuda_attention 90 "${PYTEST[@]}" "${XDIST[@]}" $ATTENTION_TESTS
     if [[ -n "$CUDA_TESTS" ]]; then
-        step tests_cuda 80 "${PYTEST[@]}" "${XDIST[@]}" $CUDA_TESTS
+        step tests_cuda 40 "${PYTEST[@]}" "${XDIST[@]}" $CUDA_TESTS
     else
         echo "== tests_cuda: no CUDA-backend test files (tests/test_native_*.py, tests/test_cuda_*.py)" | tee -a "$LOG"
     fi
     # (the dry-run test would run this script's CPU rehearsal inside the GPU run: left to CI)
-    step tests_triton 130 "${PYTEST[@]}" "${XDIST[@]}" $OTHER_TESTS \
+    step tests_triton 120 "${PYTEST[@]}" "${XDIST[@]}" $OTHER_TESTS \
         --deselect tests/test_bench_tools.py::test_gpu_check_dry_run_goes_start_to_end_on_a_cpu
-    step bench 120 env MMKERN_BENCH_SIZES=quick "${PYTEST[@]}" benchmarks "${BENCH_SELECT[@]}" "${BENCH_OPTS[@]}" \
+    step bench 100 env MMKERN_BENCH_SIZES=quick "${PYTEST[@]}" benchmarks "${BENCH_SELECT[@]}" "${BENCH_OPTS[@]}" \
         --benchmark-json="$OUT/bench.json"
     step report 20 "$PY" -m mmkern report "$OUT/bench.json" --out "$OUT"
     # last (expendable when time is short): the fuzz suites with the GPU profile's example counts
-    step fuzz_gpu 60 env MMKERN_FUZZ_PROFILE=gpu "${PYTEST[@]}" tests/test_fuzz_attention.py tests/test_fuzz_norm.py \
+    step fuzz_gpu 40 env MMKERN_FUZZ_PROFILE=gpu "${PYTEST[@]}" tests/test_fuzz_attention.py tests/test_fuzz_norm.py \
         tests/test_fuzz_diffusion.py
 fi
 

@@ -3,6 +3,7 @@
 Without a GPU the Triton kernels run on the CPU through Triton's interpreter, which must be chosen
 before triton is first imported: this file sets TRITON_INTERPRET=1 then, before importing mmkern.
 """
+import contextlib
 import math
 import os
 
@@ -23,6 +24,18 @@ def seed_drawn_after(manual_seed: int) -> int:
     """The dropout seed an mmkern function draws first after torch.manual_seed(manual_seed)."""
     torch.manual_seed(manual_seed)
     return int(torch.randint(0, _SEED_RANGE, (1,), dtype=torch.int64))
+
+
+@contextlib.contextmanager
+def forced(backend: str):
+    """mmkern.backend(backend) for a test parametrized over backends; a case the backend does not take
+    (NoBackendError: e.g. the CUDA C++ attention takes fp16/bf16 with head dims 64/96/128 only) is skipped
+    with the backend's own reasons, not failed: the case still runs on every backend that takes it."""
+    try:
+        with mmkern.backend(backend):
+            yield
+    except mmkern.NoBackendError as exc:
+        pytest.skip(f"backend {backend!r} does not take this case: {exc}")
 
 
 def assert_backend_matches_oracle(backend: str, case: "verify.Case", dtypes=DTYPES):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import mmkern
 from mmkern import dispatch
-from conftest import max_abs_err, randn
+from conftest import forced, max_abs_err, randn
 
 BACKENDS = mmkern.available_backends()
 
@@ -56,7 +56,7 @@ def test_compile_dynamic_sequence_length_does_not_recompile(backend):
     counter = CompileCounter()
     compiled = torch.compile(_attention_block, fullgraph=True, backend=counter)
     w = randn(16, dtype=torch.float32)
-    with mmkern.backend(backend):
+    with forced(backend):
         for L in (5, 9, 12):
             x = randn(2, L, 16, dtype=torch.float32)
             torch._dynamo.mark_dynamic(x, 1)
@@ -74,7 +74,7 @@ def test_compile_dynamic_sdpa_lengths_and_backward(backend):
         return _sdpa(q, k, v).square().sum()
 
     compiled = torch.compile(loss, fullgraph=True, backend=counter)
-    with mmkern.backend(backend):
+    with forced(backend):
         for L in (4, 7, 10):
             q, k, v = (randn(1, 2, L, 8, dtype=torch.float32, requires_grad=True) for _ in range(3))
             for t in (q, k, v):
@@ -98,7 +98,7 @@ def test_autocast_attention_gives_torch_sdpa_dtype(backend):
     mask = randn(6, 6, dtype=torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want_dtype = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).dtype
-        with mmkern.backend(backend):
+        with forced(backend):
             out = mmkern.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             flash = mmkern.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
                                            alibi_slopes=torch.rand(3))
@@ -122,7 +122,7 @@ def test_autocast_norm_keeps_torch_layer_norm_dtype(backend, rms):
     norm = (lambda t: mmkern.rms_norm_residual(t, weight=w)) if rms else \
         (lambda t: mmkern.layer_norm_residual(t, weight=w))
     torch_norm = (lambda t: F.rms_norm(t, (32,), w)) if rms else (lambda t: F.layer_norm(t, (32,), w))
-    with torch.autocast("cpu", dtype=torch.bfloat16), mmkern.backend(backend):
+    with torch.autocast("cpu", dtype=torch.bfloat16), forced(backend):
         h = lin(x)
         assert h.dtype == torch.bfloat16
         for inp in (x, h):
@@ -165,7 +165,7 @@ def test_deterministic_attention_backward_is_bitwise_reproducible(backend, dtype
         out.backward(dout)
         return [t.grad for t in leaves]
 
-    with mmkern.backend(backend):
+    with forced(backend):
         first, second = grads(), grads()
     for a, b in zip(first, second):
         bits = torch.int16 if a.element_size() == 2 else torch.int32
@@ -189,7 +189,7 @@ def test_norm_backward_is_bitwise_reproducible(backend, rms):
         out.backward(dout)
         return [t.grad for t in leaves]
 
-    with mmkern.backend(backend):
+    with forced(backend):
         first, second = grads(), grads()
     for a, c in zip(first, second):
         assert torch.equal(a.view(torch.int32), c.view(torch.int32))
@@ -211,7 +211,7 @@ def test_cuda_graph_capture_and_replay_attention_forward_backward(backend):
         out.backward(dout)
         return out
 
-    with mmkern.backend(backend):
+    with forced(backend):
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -242,7 +242,7 @@ def test_cuda_graph_capture_and_replay_norm(backend):
     dev = "cuda"
     x, r = (torch.randn(64, 1024, device=dev, dtype=torch.bfloat16) for _ in range(2))
     w = torch.randn(1024, device=dev, dtype=torch.float32)
-    with mmkern.backend(backend):
+    with forced(backend):
         for _ in range(3):
             mmkern.layer_norm_residual(x, r, w, prenorm=True)
         torch.cuda.synchronize()

@@ -10,6 +10,7 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 import mmkern  # noqa: E402
+from conftest import forced  # noqa: E402
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0  # noqa: E402
 from mmkern.integrations import diffusers_parity as parity  # noqa: E402
 from mmkern.integrations.diffusers import MMKernAttnProcessor, apply_mmkern, unsupported_reasons  # noqa: E402
@@ -49,7 +50,7 @@ def _model_parity(backend, model_name, device, dtype):
     def counting(*args, **kwargs):
         calls.append(args[0].shape)
         return real(*args, **kwargs)
-    with mmkern.backend(backend), pytest.MonkeyPatch.context() as mp:
+    with forced(backend), pytest.MonkeyPatch.context() as mp:
         mp.setattr(mmkern, "scaled_dot_product_attention", counting)
         patched = parity.forward(patched_model, inputs, dtype, device)
     assert len(calls) == len(_processors(patched_model)), "every attention layer must run through mmkern"

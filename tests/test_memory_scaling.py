@@ -11,7 +11,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import mmkern
 from mmkern import dispatch
-from conftest import randn
+from conftest import forced, randn
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU memory scaling needs a GPU")
 FLASH_BACKENDS = [b for b in mmkern.available_backends()
@@ -21,7 +21,7 @@ FLASH_BACKENDS = [b for b in mmkern.available_backends()
 def _largest_allocation(backend, S, causal=True):
     """Bytes of the largest CPU allocation during forward + backward of one (1, S, 1, 16) float32 attention."""
     q, k, v = (randn(1, S, 1, 16, dtype=torch.float32, requires_grad=True) for _ in range(3))
-    with mmkern.backend(backend), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with forced(backend), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out, lse = mmkern.flash_attn_func(q, k, v, causal=causal, return_lse=True)
         (out.sum() + lse.sum()).backward()
     return max(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0), q.nbytes
@@ -47,7 +47,7 @@ def test_peak_memory_grows_linearly_in_sequence_length(backend):
     """Forward + backward at 2k, 4k, 8k, 16k tokens (B1 H8 D64 fp16): peak memory above the inputs grows like
     S (x8 from 2k to 16k); an S x S matrix would make it grow x64."""
     peaks = {}
-    with mmkern.backend(backend):
+    with forced(backend):
         for S in (2048, 4096, 8192, 16384):
             q, k, v = (torch.randn(1, S, 8, 64, device="cuda", dtype=torch.float16, requires_grad=True)
                        for _ in range(3))
@@ -69,7 +69,7 @@ def test_peak_memory_grows_linearly_in_sequence_length(backend):
 def test_no_leak_over_1000_calls(backend):
     q, k, v = (torch.randn(2, 256, 4, 64, device="cuda", dtype=torch.float16, requires_grad=True) for _ in range(3))
     x = torch.randn(64, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    with mmkern.backend(backend):
+    with forced(backend):
         def step():
             out = mmkern.flash_attn_func(q, k, v, causal=True)
             out.sum().backward()

@@ -77,9 +77,25 @@ def gpt2_batch(seed: int = 2) -> dict:
 
 def attention_backend(backend: str) -> str:
     """The backend the models' attention runs on when `backend` is asked for: itself if it has the
-    attention ops, else reference (a backend with norms only, like the C++ cpu backend today)."""
+    attention ops and they take the tiny models' attention (head dim 8, float32 and bfloat16), else
+    reference (a backend with norms only, like the C++ cpu backend; or one whose attention kernels take
+    other shapes only, like the CUDA C++ kernels: fp16/bf16, head dims 64/96/128)."""
     kernels = dispatch.backends()[backend].kernels
-    return backend if all(op in kernels for op in ATTENTION_OPS) else "reference"
+    if not all(op in kernels for op in ATTENTION_OPS):
+        return "reference"
+    return backend if all(not _attention_reasons(backend, dtype) for dtype in (torch.float32, torch.bfloat16)) \
+        else "reference"
+
+
+def _attention_reasons(backend: str, dtype) -> list[str]:
+    """Why `backend` would refuse the tiny models' (causal, dense) attention forward in `dtype`."""
+    device = _device(backend)
+    q = torch.zeros(1, 2, 4, 8, dtype=dtype, device=device)          # (batch, seqlen, heads, head_dim 8)
+    inputs = dict(q=q, k=q, v=q, cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, max_seqlen_q=2,
+                  max_seqlen_k=2, softmax_scale=8 ** -0.5, causal=True, causal_bottom_right=True, window_left=-1,
+                  window_right=-1, softcap=0.0, alibi_slopes=None, attn_mask=None, dropout_p=0.0, dropout_seed=None,
+                  deterministic=False)
+    return dispatch.not_supported_reasons("attention_forward", backend, device, inputs)
 
 
 def _enter(context) -> None:
