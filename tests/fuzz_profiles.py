@@ -174,22 +174,14 @@ def measure(case: verify.Case, backend: str, dtype: torch.dtype) -> list[tuple[s
     return rows
 
 
-KNOWN_ISSUE_ULPS = 64   # floor while a known, reported precision issue is open (still catches real breakage)
-
-
-def check(test: str, case: verify.Case, backend: str, dtype: torch.dtype, family: str | None = None,
-          known_issue: str | None = None) -> None:
+def check(test: str, case: verify.Case, backend: str, dtype: torch.dtype, family: str | None = None) -> None:
     """flash-attn's criterion (with the fuzz floor, see measure) for one (case, backend, dtype);
-    `family` ("attention" / "norm") set when dropout is on. `known_issue` names an open precision
-    issue that has its own strict-xfail test: the floor is then KNOWN_ISSUE_ULPS and the count shown."""
+    `family` ("attention" / "norm") set when dropout is on."""
     with (oracle_draws_masks_of(backend, family) if family else contextlib.nullcontext()):
         rows = measure(case, backend, dtype)
     COUNTS[(test, f"checks[{backend}]")] += 1
-    if known_issue:
-        COUNTS[(test, f"known issue: {known_issue}")] += 1
-    floor = KNOWN_ISSUE_ULPS if known_issue else ULPS
     for name, error, base, ulp in rows:
-        strict, tolerance = 2 * base + ulp, 2 * base + floor * ulp
+        strict, tolerance = 2 * base + ulp, 2 * base + ULPS * ulp
         if strict < error <= tolerance:
             COUNTS[(test, "within the fuzz floor only")] += 1
         assert error <= tolerance, (f"{name} [{backend}, {dtype}, {case.shape}]: error {error:.3e} > "

@@ -124,3 +124,26 @@ def test_float64_falls_back_to_reference():
     q = torch.randn(1, 4, 1, 8, dtype=torch.float64, device=DEVICE)
     with mmkern.backend("triton"), pytest.raises(mmkern.NoBackendError, match="float64"):
         mmkern.flash_attn_func(q, q, q)
+
+
+def test_kvcache_backward_gives_zero_gradient_past_cache_seqlens(monkeypatch):
+    """Cache rows past cache_seqlens are seen by no query: their dk/dv are exactly 0, not unwritten memory
+    (the outputs start as NaN here to show any element the launcher forgets)."""
+    import mmkern.triton.attention as A
+    monkeypatch.setattr(A, "new_output", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
+                                                                                   device=device))
+    used = torch.tensor([3, 0, 9], dtype=torch.int32, device=DEVICE)
+    q, k, v, dout = r(3, 2, 4, 16).float(), r(3, 9, 2, 16).float(), r(3, 9, 2, 16).float(), r(3, 2, 4, 16).float()
+    args = (None, None, used, 2, 9, 0.25, True, True, -1, -1, 0.0, None, None, 0.0, None, False)
+    with mmkern.backend("reference"):
+        want_out, want_lse = torch.ops.mmkern.attention_forward(q.double(), k.double(), v.double(), *args)
+        want = torch.ops.mmkern.attention_backward(dout.double(), q.double(), k.double(), v.double(), want_out,
+                                                   want_lse, None, *args, False)
+    with mmkern.backend("triton"):
+        out, lse = torch.ops.mmkern.attention_forward(q, k, v, *args)
+        dq, dk, dv, _ = torch.ops.mmkern.attention_backward(dout, q, k, v, out, lse, None, *args, False)
+    for b, n in enumerate(used.tolist()):
+        assert (dk[b, n:] == 0).all() and (dv[b, n:] == 0).all()
+    for got, oracle in zip((dq, dk, dv), want[:3]):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), oracle, rtol=1e-4, atol=1e-5)

@@ -335,6 +335,9 @@ def backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, seqused_
     dq = new_output(q.shape, q.dtype, q.device)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
+    if seqused_k is not None:
+        # cache rows past cache_seqlens belong to no program of the dK/dV kernel: their gradient is 0
+        dk.zero_(), dv.zero_()
     mask_grad = attn_mask_needs_grad and attn_mask is not None and attn_mask.dtype != torch.bool
     d_mask = torch.zeros(attn_mask.shape, dtype=attn_mask.dtype, device=q.device) if mask_grad \
         else q.new_empty((0,))
