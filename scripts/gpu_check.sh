@@ -29,7 +29,7 @@
 #                (each compile costs 10-40 s; the full suite has them)  (a tiny timed CPU run, which
 #                                                                         collects the whole suite first)
 #   report       mmkern report bench.json --out OUT_DIR                (the same, on the tiny CPU run)
-#   fuzz_gpu     MMKERN_FUZZ_PROFILE=gpu pytest tests/test_fuzz_*.py   (collected in tests_collect)
+#   fuzz_gpu     MMKERN_FUZZ_PROFILE=gpu MMKERN_FUZZ_SEED=random pytest tests/test_fuzz_*.py   (collected in tests_collect)
 set -uo pipefail
 
 DRY_RUN=0
@@ -132,7 +132,7 @@ else
         --benchmark-json="$OUT/bench.json"
     step report 20 "$PY" -m mmkern report "$OUT/bench.json" --out "$OUT"
     # last (expendable when time is short): the fuzz suites with the GPU profile's example counts
-    step fuzz_gpu 40 env MMKERN_FUZZ_PROFILE=gpu "${PYTEST[@]}" tests/test_fuzz_attention.py tests/test_fuzz_norm.py \
+    step fuzz_gpu 40 env MMKERN_FUZZ_PROFILE=gpu MMKERN_FUZZ_SEED=random "${PYTEST[@]}" tests/test_fuzz_attention.py tests/test_fuzz_norm.py \
         tests/test_fuzz_diffusion.py
 fi
 

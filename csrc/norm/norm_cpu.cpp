@@ -11,6 +11,12 @@
 // Backward: the rows of each sample are cut into a fixed number of chunks (norm.h, independent of the
 // thread count); a chunk accumulates sum(dout * xhat) and sum(dout) over its rows in float32 and writes
 // one partial row per reduced gradient; the partials are summed in a fixed order (reduce_partials).
+//
+// No FMA contraction in this file (an AVX2 + FMA build would fuse a * b + c): the kernels round as the eager
+// fp32 math they are compared with. Before the includes, so that every inline function agrees.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("fp-contract=off")
+#endif
 #include "norm/norm.h"
 
 #include <ATen/ATen.h>
@@ -364,7 +370,14 @@ void backward_chunk(const BackwardArgs& a, int64_t chunk, float* scratch) {
     const float projection = static_cast<float>(dot_total) * inv_n;
     const float mean_dxhat = a.is_rms_norm ? 0.f : static_cast<float>(sum_total) * inv_n;
     const Vec vproj(projection), vmdx(mean_dxhat);
-    at::vec::map2<float>([&](Vec dxh, Vec xh) { return vrstd * (dxh - vmdx - xh * vproj); }, g, g, xhat, N);
+    if (a.is_rms_norm && N == 1) {
+      // One column: xhat^2 = pre^2 / (pre^2 + eps) = 1 - eps rstd^2, so dxhat - xhat * projection =
+      // dxhat (1 - xhat^2) = dxhat eps rstd^2 exactly. The general form cancels there (1 - xhat^2 ~ eps / pre^2
+      // turns half an ulp of rstd into many ulps of dx: 2.5x the eager error on ~1% of rows, found by the fuzz).
+      g[0] = rstd * g[0] * (a.eps * rstd * rstd);
+    } else {
+      at::vec::map2<float>([&](Vec dxh, Vec xh) { return vrstd * (dxh - vmdx - xh * vproj); }, g, g, xhat, N);
+    }
     if (a.dpre) {
       load_row(a.dpre + r * a.dpre_stride, a.stream_dtype, tmp, N);
       at::vec::map2<float>([](Vec u, Vec v) { return u + v; }, g, g, tmp, N);

@@ -23,6 +23,8 @@ _OPS = ("norm_forward", "norm_backward")
 
 def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
     """The kernels index columns with stride 1 and rows with a free (non-negative) stride."""
+    if t is not None and t.numel() == 0:
+        return t.new_empty(t.shape)   # .contiguous() keeps an empty view's strides (it counts as contiguous)
     if t is not None and ((t.shape[-1] > 1 and t.stride(-1) != 1) or t.stride(0) < 0
                           or (t.shape[0] > 1 and t.stride(0) < t.shape[-1])):
         return t.contiguous()
