@@ -11,6 +11,7 @@ import math
 import torch
 
 from mmkern.ops import attention as ops
+from mmkern.ops import _eager as eager
 from mmkern.ops._checks import FLOAT_DTYPES, check_dropout_p, check_tensor, last_dim_contiguous
 from mmkern.ops._rng import draw_seed
 
@@ -63,8 +64,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     fn = "mmkern.flash_attn_func"
     q, k, v, dropout_p, scale, left, right, softcap, alibi_slopes, seed = _common(
         fn, q, k, v, dropout_p, softmax_scale, window_size, softcap, alibi_slopes)
-    out, lse = ops.attention_forward(q, k, v, None, None, None, 0, 0, scale, bool(causal), True, left, right, softcap,
-                                     alibi_slopes, None, dropout_p, seed, bool(deterministic))
+    out, lse = eager.call(ops.attention_forward, q, k, v, None, None, None, 0, 0, scale, bool(causal), True, left,
+                          right, softcap, alibi_slopes, None, dropout_p, seed, bool(deterministic))
     return (out, lse) if return_lse else out
 
 
@@ -82,9 +83,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         fn, q, k, v, dropout_p, softmax_scale, window_size, softcap, alibi_slopes)
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         check_tensor(fn, name, cu, dtypes=(torch.int32, torch.int64), ndim=1)
-    out, lse = ops.attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, None, max_seqlen_q, max_seqlen_k, scale,
-                                     bool(causal), True, left, right, softcap, alibi_slopes, None, dropout_p, seed,
-                                     bool(deterministic))
+    out, lse = eager.call(ops.attention_forward, q, k, v, cu_seqlens_q, cu_seqlens_k, None, max_seqlen_q,
+                          max_seqlen_k, scale, bool(causal), True, left, right, softcap, alibi_slopes, None, dropout_p,
+                          seed, bool(deterministic))
     return (out, lse) if return_lse else out
 
 
@@ -127,10 +128,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
             if t.dtype != k_cache.dtype or tuple(t.shape) != want:
                 raise ValueError(f"{fn}: {name} must have shape (batch, new_len, kv_heads, head_dim) = {want} and "
                                  f"dtype {k_cache.dtype} like the cache; got {tuple(t.shape)} {t.dtype}")
-        ops.kvcache_append(k_cache, v_cache, last_dim_contiguous(k), last_dim_contiguous(v), cache_seqlens)
+        eager.call(ops.kvcache_append, k_cache, v_cache, last_dim_contiguous(k), last_dim_contiguous(v), cache_seqlens)
         seqused_k = cache_seqlens + k.shape[1]
-    out, lse = ops.attention_forward(q, k_cache, v_cache, None, None, seqused_k, 0, 0, scale, bool(causal), True,
-                                     left, right, softcap, alibi_slopes, None, 0.0, None, False)
+    out, lse = eager.call(ops.attention_forward, q, k_cache, v_cache, None, None, seqused_k, 0, 0, scale,
+                          bool(causal), True, left, right, softcap, alibi_slopes, None, 0.0, None, False)
     return (out, lse) if return_lse else out
 
 
@@ -165,6 +166,6 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     q, k, v = (last_dim_contiguous(t.transpose(1, 2)) for t in (query, key, value))
     softmax_scale = _scale(fn, scale, q)
     seed = draw_seed() if dropout_p > 0 else None
-    out, _ = ops.attention_forward(q, k, v, None, None, None, 0, 0, softmax_scale, bool(is_causal), False, -1, -1, 0.0,
-                                   None, attn_mask, float(dropout_p), seed, False)
+    out, _ = eager.call(ops.attention_forward, q, k, v, None, None, None, 0, 0, softmax_scale, bool(is_causal), False,
+                        -1, -1, 0.0, None, attn_mask, float(dropout_p), seed, False)
     return out.transpose(1, 2)

@@ -6,6 +6,7 @@ run here, and on which devices.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -17,8 +18,13 @@ from mmkern.dispatch import Backend, register_backend
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None    # ~40 us: once, not per op call
+
+
 def _triton_environment_reasons() -> list[str]:
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         return ["the triton package is not installed (pip install triton; Linux only)"]
     if not TRITON_INTERPRET and not torch.cuda.is_available():
         return ["no CUDA GPU here (set TRITON_INTERPRET=1 before importing mmkern to run the Triton kernels "

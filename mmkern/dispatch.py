@@ -51,8 +51,27 @@ _BACKENDS: dict[str, Backend] = {}
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("mmkern_backend", default=None)
 
 
+_ENVIRONMENT: dict[str, list[str]] = {}   # backend name -> its environment reasons, asked once (see below)
+
+
 def register_backend(backend: Backend) -> None:
     _BACKENDS[backend.name] = backend
+    forget_environment()
+
+
+def environment_reasons(name: str) -> list[str]:
+    """Why backend `name` is unusable in this process ([] = usable), cached: what it depends on (installed
+    packages, the GPU, TRITON_INTERPRET at import, the loaded extension) does not change while the process
+    runs, and asking costs ~5 us per backend, paid on every op call under auto dispatch otherwise. A build
+    in the process (mmkern.native.reset) calls forget_environment()."""
+    reasons = _ENVIRONMENT.get(name)
+    if reasons is None:
+        reasons = _ENVIRONMENT[name] = list(_BACKENDS[name].environment_reasons())
+    return reasons
+
+
+def forget_environment() -> None:
+    _ENVIRONMENT.clear()
 
 
 def register_kernel(op: str, backend: str, run: Callable[..., object],
@@ -68,7 +87,7 @@ def backends() -> dict[str, Backend]:
 
 def available_backends() -> list[str]:
     """Backends usable in this process: their environment is fine and they implement at least one op."""
-    return [name for name, b in backends().items() if not b.environment_reasons() and b.kernels]
+    return [name for name, b in backends().items() if not environment_reasons(name) and b.kernels]
 
 
 def _check_name(name: str) -> str:
@@ -106,9 +125,9 @@ def forced_backend() -> str:
 
 def not_supported_reasons(op: str, backend_name: str, device: torch.device, inputs: dict) -> list[str]:
     b = _BACKENDS[backend_name]
-    reasons = list(b.environment_reasons())
+    reasons = environment_reasons(backend_name)
     if reasons:
-        return reasons
+        return list(reasons)
     kernel = b.kernels.get(op)
     if kernel is None:
         return [f"has no kernel for {op}"]

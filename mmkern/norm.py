@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from mmkern.ops import norm as ops
+from mmkern.ops import _eager as eager
 from mmkern.ops._checks import FLOAT_DTYPES, check_dropout_p, check_tensor, last_dim_contiguous
 from mmkern.ops._rng import draw_seed
 
@@ -52,9 +53,9 @@ def _norm_residual(fn, x, residual, weight, bias, eps, dropout_p, prenorm, resid
     x2 = last_dim_contiguous(x).reshape(rows)
     residual2 = None if residual is None else last_dim_contiguous(residual).reshape(rows)
     seed = draw_seed() if dropout_p > 0 else None
-    out, pre, _, _ = ops.norm_residual_forward(x2, residual2, last_dim_contiguous(weight), last_dim_contiguous(bias),
-                                               eps, float(dropout_p), seed, bool(residual_in_fp32), is_rms_norm,
-                                               shift, scale)
+    out, pre, _, _ = eager.call(ops.norm_residual_forward, x2, residual2, last_dim_contiguous(weight),
+                                last_dim_contiguous(bias), eps, float(dropout_p), seed, bool(residual_in_fp32),
+                                is_rms_norm, shift, scale)
     out = out.reshape(shape)
     return (out, pre.reshape(shape)) if prenorm else out
 

@@ -24,6 +24,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "common/cpu_output.h"
 #include "diffusion/diffusion_checks.h"
 #include "diffusion/diffusion_math.h"
 
@@ -131,7 +132,7 @@ at::Tensor noise_mix(const char* op, const char* x_name, const at::Tensor& x, co
   check_like(op, "noise", noise, x_name, x);
   const IndexRef t = check_index(op, "timesteps", timesteps, x);
   const TableRef table = check_table(op, "alphas_cumprod", alphas_cumprod, x);
-  auto out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  auto out = mmkern::empty_output(x.sizes(), x.options());
   const int64_t numel = x.numel(), per_sample = per_sample_of(x, t);
   MMKERN_DISPATCH_SAMPLES(x.scalar_type(), op, [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -227,7 +228,7 @@ at::Tensor loss_backward_cpu(const at::Tensor& grad, const at::Tensor& mo, const
   check_cpu(op, grad, "grad");
   TORCH_CHECK(grad.dim() == 0 && grad.scalar_type() == at::kFloat, op, ": grad must be a 0-d float32 tensor, got ",
               grad.sizes(), " ", grad.scalar_type());
-  auto d_mo = at::empty_like(mo, at::MemoryFormat::Contiguous);
+  auto d_mo = mmkern::empty_output(mo.sizes(), mo.options());
   const float scale = grad.item<float>() * (a.numel ? 2.0f / static_cast<float>(a.numel) : 0.0f);
   MMKERN_DISPATCH_SAMPLES(mo.scalar_type(), op, [&] {
     const scalar_t* mp = mo.const_data_ptr<scalar_t>();
@@ -333,8 +334,8 @@ std::tuple<at::Tensor, at::Tensor> alpha_step_cpu(const char* op, bool ddim, con
                 thr.scalar_type());
   }
   const StepLayout L = step_layout(mo, sample);
-  auto out = at::empty_like(sample, at::MemoryFormat::Contiguous);
-  auto x0_out = at::empty_like(sample, at::MemoryFormat::Contiguous);
+  auto out = mmkern::empty_output(sample.sizes(), sample.options());
+  auto x0_out = mmkern::empty_output(sample.sizes(), sample.options());
   const float clip = clip_sample_range > 0 ? static_cast<float>(clip_sample_range) : INFINITY;
   MMKERN_DISPATCH_SAMPLES(sample.scalar_type(), op, [&] {
     const scalar_t* mp = mo.const_data_ptr<scalar_t>();
@@ -429,8 +430,8 @@ std::tuple<at::Tensor, at::Tensor> euler_step_cpu(const at::Tensor& mo, const at
   const bool has_noise = noise_opt.has_value() && noise_opt->defined();
   if (has_noise) check_like(op, "noise", *noise_opt, "sample", sample);
   const StepLayout L = step_layout(mo, sample);
-  auto out = at::empty_like(sample, at::MemoryFormat::Contiguous);
-  auto x0_out = at::empty(sample.sizes(), sample.options().dtype(at::kFloat));   // diffusers upcasts: fp32 x0
+  auto out = mmkern::empty_output(sample.sizes(), sample.options());
+  auto x0_out = mmkern::empty_output(sample.sizes(), sample.options().dtype(at::kFloat));   // diffusers upcasts: fp32 x0
   MMKERN_DISPATCH_SAMPLES(sample.scalar_type(), op, [&] {
     const scalar_t* mp = mo.const_data_ptr<scalar_t>();
     const scalar_t* sp = sample.const_data_ptr<scalar_t>();
@@ -467,7 +468,7 @@ at::Tensor sigma_mix(const char* op, const char* x_name, const at::Tensor& x, co
   if (noise) check_like(op, "noise", *noise, x_name, x);
   const IndexRef idx = check_index(op, "step_index", step_index, x);
   const TableRef table = check_table(op, "sigmas", sigmas, x);
-  auto out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  auto out = mmkern::empty_output(x.sizes(), x.options());
   const int64_t numel = x.numel(), per_sample = per_sample_of(x, idx);
   MMKERN_DISPATCH_SAMPLES(x.scalar_type(), op, [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();

@@ -28,7 +28,9 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/cpu_output.h"
 #include "common/philox.h"
+#include "common/philox_cpu.h"
 
 namespace mmkern::norm {
 namespace {
@@ -105,39 +107,10 @@ std::pair<float, float> row_stats(const float* pre, int64_t n, float eps, bool i
   return {mean, 1.f / std::sqrt(var + eps)};
 }
 
-// a[j] = keep(seed, base + j) ? a[j] * scale : 0   (Philox: the same mask as the CUDA and Triton kernels).
-// philox_bits (common/philox.h) on kLanes counters at once, written lane-innermost so the compiler
-// vectorises the 32 x 32 -> 64-bit products; tested bit for bit against the scalar function.
+// a[j] = keep(seed, base + j) ? a[j] * scale : 0   (Philox: the same mask as the CUDA and Triton kernels;
+// eight counters per AVX2 vector, common/philox_cpu.h; tested bit for bit against the scalar function).
 void apply_dropout(float* a, int64_t n, uint64_t seed, int64_t base, float p, float scale) {
-  constexpr int kLanes = 16;
-  constexpr uint32_t kKeyA = 0x9E3779B9u, kKeyB = 0xBB67AE85u, kRoundA = 0xD2511F53u, kRoundB = 0xCD9E8D57u;
-  for (int64_t j = 0; j < n; j += kLanes) {
-    uint32_t c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];
-    for (int l = 0; l < kLanes; ++l) {
-      const uint64_t offset = static_cast<uint64_t>(base + j + l);
-      c0[l] = static_cast<uint32_t>(offset);
-      c1[l] = static_cast<uint32_t>(offset >> 32);
-      c2[l] = 0u;
-      c3[l] = 0u;
-    }
-    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-    for (int round = 0; round < 10; ++round) {
-      for (int l = 0; l < kLanes; ++l) {
-        const uint64_t p0 = static_cast<uint64_t>(kRoundA) * c0[l];
-        const uint64_t p2 = static_cast<uint64_t>(kRoundB) * c2[l];
-        c0[l] = static_cast<uint32_t>(p2 >> 32) ^ c1[l] ^ k0;
-        c2[l] = static_cast<uint32_t>(p0 >> 32) ^ c3[l] ^ k1;
-        c1[l] = static_cast<uint32_t>(p2);
-        c3[l] = static_cast<uint32_t>(p0);
-      }
-      k0 += kKeyA;
-      k1 += kKeyB;
-    }
-    const int64_t m = std::min<int64_t>(kLanes, n - j);
-    for (int64_t l = 0; l < m; ++l) {
-      a[j + l] = uniform_from_bits(c0[l]) >= p ? a[j + l] * scale : 0.f;
-    }
-  }
+  dropout_scale(a, n, seed, static_cast<uint64_t>(base), p, scale);
 }
 
 // ----------------------------------------------------------------------------- forward
@@ -251,8 +224,8 @@ ForwardResult norm_forward_cpu(const at::Tensor& x, const c10::optional<at::Tens
   TORCH_CHECK_VALUE(eps > 0, op, ": eps must be > 0; got ", eps);
   const int64_t rows = x.size(0), N = x.size(1);
   const auto stream = stream_dtype(x, residual, residual_in_fp32);
-  auto out = at::empty({rows, N}, x.options());
-  auto pre = at::empty({rows, N}, x.options().dtype(stream));
+  auto out = empty_output({rows, N}, x.options());
+  auto pre = empty_output({rows, N}, x.options().dtype(stream));
   auto mean = at::empty({is_rms_norm ? 0 : rows}, x.options().dtype(at::kFloat));
   auto rstd = at::empty({rows}, x.options().dtype(at::kFloat));
   if (rows == 0) return {out, pre, mean, rstd};
@@ -414,8 +387,8 @@ BackwardResult norm_backward_cpu(const at::Tensor& dout, const c10::optional<at:
                                                  x_dtype);
   TORCH_CHECK_VALUE(eps > 0, op, ": eps must be > 0; got ", eps);
   const int64_t rows = pre.size(0), N = pre.size(1);
-  auto dx = at::empty({rows, N}, pre.options().dtype(x_dtype));
-  auto d_residual = has_residual ? at::empty({rows, N}, pre.options()) : pre.new_empty({0});
+  auto dx = empty_output({rows, N}, pre.options().dtype(x_dtype));
+  auto d_residual = has_residual ? empty_output({rows, N}, pre.options()) : pre.new_empty({0});
   auto f32 = pre.options().dtype(at::kFloat);
   if (rows == 0) {
     auto zeros = [&](bool present, at::IntArrayRef shape) { return present ? at::zeros(shape, f32) : at::empty({0}, f32); };

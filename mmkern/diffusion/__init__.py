@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from mmkern.ops import diffusion as ops
+from mmkern.ops import _eager as eager
 from mmkern.ops._checks import last_dim_contiguous
 from mmkern.diffusion.schedules import (BETA_SCHEDULES, NoiseSchedule, alphas_cumprod_from_betas,  # noqa: F401
                                         make_betas, rescale_zero_terminal_snr, sigmas_from_alphas_cumprod,
@@ -44,13 +45,13 @@ def add_noise(original_samples, noise, timesteps, alphas_cumprod):
     """Forward-diffuse clean samples to timestep t: sqrt(a_t) * x_0 + sqrt(1 - a_t) * noise."""
     x0, noise, timesteps = _prepare("mmkern.diffusion.add_noise", "original_samples", original_samples, noise,
                                     timesteps)
-    return ops.add_noise(x0, noise, timesteps, alphas_cumprod)
+    return eager.call(ops.add_noise, x0, noise, timesteps, alphas_cumprod)
 
 
 def get_velocity(sample, noise, timesteps, alphas_cumprod):
     """The v-prediction target: sqrt(a_t) * noise - sqrt(1 - a_t) * sample."""
     x0, noise, timesteps = _prepare("mmkern.diffusion.get_velocity", "sample", sample, noise, timesteps)
-    return ops.get_velocity(x0, noise, timesteps, alphas_cumprod)
+    return eager.call(ops.get_velocity, x0, noise, timesteps, alphas_cumprod)
 
 
 def training_target(original_samples, noise, timesteps, alphas_cumprod, prediction_type="epsilon"):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from mmkern.ops import diffusion_loss as ops
+from mmkern.ops import _eager as eager
 from mmkern.ops._checks import last_dim_contiguous
 
 
@@ -30,6 +31,6 @@ def diffusion_loss(model_output, original_samples, noise, timesteps, alphas_cump
     if not isinstance(model_output, torch.Tensor):
         raise TypeError(f"{fn}: model_output must be a torch.Tensor, got {type(model_output).__name__}")
     ops.check_prediction_type(fn, prediction_type)
-    return ops.diffusion_loss(last_dim_contiguous(model_output), last_dim_contiguous(original_samples),
-                              last_dim_contiguous(noise), _timesteps(fn, timesteps, model_output), alphas_cumprod,
-                              prediction_type, float(snr_gamma or 0.0))
+    return eager.call(ops.diffusion_loss, last_dim_contiguous(model_output), last_dim_contiguous(original_samples),
+                      last_dim_contiguous(noise), _timesteps(fn, timesteps, model_output), alphas_cumprod,
+                      prediction_type, float(snr_gamma or 0.0))

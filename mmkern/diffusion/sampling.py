@@ -18,6 +18,7 @@ import math
 import torch
 
 from mmkern.ops import diffusion_samplers as ops
+from mmkern.ops import _eager as eager
 from mmkern.ops._checks import last_dim_contiguous
 
 
@@ -47,10 +48,10 @@ def ddpm_step(model_output, timesteps, sample, alphas_cumprod, *, prev_timesteps
     timesteps = _index(fn, "timesteps", timesteps, sample)
     prev_timesteps = timesteps - 1 if prev_timesteps is None else _index(fn, "prev_timesteps", prev_timesteps,
                                                                           sample)
-    return ops.ddpm_step(last_dim_contiguous(model_output), last_dim_contiguous(sample), timesteps, prev_timesteps,
-                         alphas_cumprod, last_dim_contiguous(noise), prediction_type, variance_type,
-                         *_clip_args(clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio,
-                                     sample_max_value))
+    return eager.call(ops.ddpm_step, last_dim_contiguous(model_output), last_dim_contiguous(sample), timesteps,
+                      prev_timesteps, alphas_cumprod, last_dim_contiguous(noise), prediction_type, variance_type,
+                      *_clip_args(clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio,
+                                  sample_max_value))
 
 
 def ddim_step(model_output, timesteps, sample, alphas_cumprod, prev_timesteps, *, final_alpha_cumprod=1.0, eta=0.0,
@@ -61,13 +62,13 @@ def ddim_step(model_output, timesteps, sample, alphas_cumprod, prev_timesteps, *
     fn = "mmkern.diffusion.ddim_step"
     if eta > 0 and noise is None:
         raise ValueError(f"{fn}: eta = {eta} > 0 needs noise (a tensor like sample)")
-    return ops.ddim_step(last_dim_contiguous(model_output), last_dim_contiguous(sample),
-                         _index(fn, "timesteps", timesteps, sample), _index(fn, "prev_timesteps", prev_timesteps,
-                                                                            sample),
-                         alphas_cumprod, float(final_alpha_cumprod), float(eta), last_dim_contiguous(noise),
-                         prediction_type,
-                         *_clip_args(clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio,
-                                     sample_max_value), bool(use_clipped_model_output))
+    return eager.call(ops.ddim_step, last_dim_contiguous(model_output), last_dim_contiguous(sample),
+                      _index(fn, "timesteps", timesteps, sample), _index(fn, "prev_timesteps", prev_timesteps,
+                                                                         sample),
+                      alphas_cumprod, float(final_alpha_cumprod), float(eta), last_dim_contiguous(noise),
+                      prediction_type,
+                      *_clip_args(clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio,
+                                  sample_max_value), bool(use_clipped_model_output))
 
 
 def churn_gamma(s_churn: float, sigmas_len: int) -> float:
@@ -95,21 +96,21 @@ def euler_step(model_output, step_index, sample, sigmas, *, noise=None, predicti
     if gamma > 0 and noise is None:
         raise ValueError(f"{fn}: s_churn = {s_churn} > 0 needs noise (a tensor like sample): churn adds "
                          f"s_noise * noise * sigma * sqrt(gamma (2 + gamma)); pass s_churn=0 to step without churn")
-    return ops.euler_step(last_dim_contiguous(model_output), last_dim_contiguous(sample),
-                          _index(fn, "step_index", step_index, sample), sigmas, last_dim_contiguous(noise),
-                          prediction_type, gamma, float(s_tmin), float(s_tmax),
-                          float(s_noise))
+    return eager.call(ops.euler_step, last_dim_contiguous(model_output), last_dim_contiguous(sample),
+                      _index(fn, "step_index", step_index, sample), sigmas, last_dim_contiguous(noise),
+                      prediction_type, gamma, float(s_tmin), float(s_tmax),
+                      float(s_noise))
 
 
 def euler_scale_model_input(sample, step_index, sigmas):
     """sample / sqrt(sigmas[i]^2 + 1): the Euler sampler's model input (per sample)."""
     fn = "mmkern.diffusion.euler_scale_model_input"
-    return ops.euler_scale_model_input(last_dim_contiguous(sample), _index(fn, "step_index", step_index, sample),
-                                       sigmas)
+    return eager.call(ops.euler_scale_model_input, last_dim_contiguous(sample),
+                      _index(fn, "step_index", step_index, sample), sigmas)
 
 
 def euler_add_noise(original_samples, noise, step_index, sigmas):
     """x + sigmas[i] * noise (per sample): the Euler scheduler's noising in sigma space."""
     fn = "mmkern.diffusion.euler_add_noise"
-    return ops.euler_add_noise(last_dim_contiguous(original_samples), last_dim_contiguous(noise),
-                               _index(fn, "step_index", step_index, original_samples), sigmas)
+    return eager.call(ops.euler_add_noise, last_dim_contiguous(original_samples), last_dim_contiguous(noise),
+                      _index(fn, "step_index", step_index, original_samples), sigmas)

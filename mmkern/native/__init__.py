@@ -25,7 +25,7 @@ import importlib.util
 import sys
 import threading
 
-from mmkern.dispatch import register_kernel
+from mmkern.dispatch import forget_environment, register_kernel
 
 # op -> (module of mmkern/native/, run function, reasons function[, backends: default both])
 KERNELS = {
@@ -113,6 +113,7 @@ def reset() -> None:
     """Forget a failed load (after a build). A loaded .so stays loaded: a rebuilt one needs a new process."""
     with _lock:
         _state.pop("reason", None)
+    forget_environment()
 
 
 def extension_reasons() -> list[str]:
@@ -129,11 +130,19 @@ def stamp() -> dict | None:
     return None if found is None else build.read_stamp(found[0])
 
 
+def _loaded_stamp() -> dict:
+    """The stamp of the loaded build, read once: a loaded .so does not change (the dispatcher asks per call)."""
+    with _lock:
+        if "stamp" not in _state:
+            _state["stamp"] = stamp() or {}
+        return _state["stamp"]
+
+
 def cuda_reasons() -> list[str]:
     """Extra reasons for the cuda backend: a build without CUDA kernels."""
     if extension_reasons():
         return []
-    info = stamp() or {}
+    info = _loaded_stamp()
     if not info.get("with_cuda"):
         why = info.get("no_cuda_reason") or "unknown reason"
         return [f"mmkern._C was built without CUDA kernels ({why}); rebuild with nvcc and a CUDA build of torch"]
@@ -189,14 +198,22 @@ def missing_op_reasons(*names: str, device=None) -> list[str]:
 # --------------------------------------------------------------------------- registration
 
 def _lazy_run(module: str, function: str):
+    resolved = []           # the adapter function, imported on the first call (the dispatcher calls per op call)
+
     def run(**inputs):
-        return getattr(importlib.import_module(f"mmkern.native.{module}"), function)(**inputs)
+        if not resolved:
+            resolved.append(getattr(importlib.import_module(f"mmkern.native.{module}"), function))
+        return resolved[0](**inputs)
     run.__qualname__ = f"mmkern.native.{module}.{function}"
     return run
 
 
 def _lazy_reasons(module: str, function: str):
+    resolved = []
+
     def reasons(**inputs):
+        if resolved:
+            return resolved[0](**inputs)
         name = f"mmkern.native.{module}"
         try:
             adapter = importlib.import_module(name)
@@ -207,6 +224,7 @@ def _lazy_reasons(module: str, function: str):
         fn = getattr(adapter, function, None)
         if fn is None:
             return [f"{name} has no {function}()"]
+        resolved.append(fn)
         return fn(**inputs)
     reasons.__qualname__ = f"mmkern.native.{module}.{function}"
     return reasons

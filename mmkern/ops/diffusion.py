@@ -54,7 +54,8 @@ def check_index_values(fn: str, name: str, values: Tensor, low: int | None, high
     """
     if values.device.type != "cpu" or values.numel() == 0:
         return
-    got_low, got_high = int(values.min()), int(values.max())
+    got_low, got_high = torch.aminmax(values)
+    got_low, got_high = int(got_low), int(got_high)
     if (low is not None and got_low < low) or got_high > high:
         allowed = f"[{low}, {high}]" if low is not None else f"<= {high}"
         raise ValueError(f"{fn}: {name} must lie in {allowed} ({what}); got values in [{got_low}, {got_high}]")

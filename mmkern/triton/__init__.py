@@ -30,8 +30,12 @@ KERNELS = {
 
 
 def _lazy(module: str, function: str):
+    resolved = []           # the function, imported on the first call (the dispatcher calls per op call)
+
     def call(**inputs):
-        return getattr(importlib.import_module(f"mmkern.triton.{module}"), function)(**inputs)
+        if not resolved:
+            resolved.append(getattr(importlib.import_module(f"mmkern.triton.{module}"), function))
+        return resolved[0](**inputs)
     call.__qualname__ = f"mmkern.triton.{module}.{function}"
     return call
 
