@@ -11,6 +11,9 @@ The issue's goal: mmkern_cpu at least 1.3x torch_eager for the forward at 8192 x
 two rows of a group; no timed assertion here). extra_info["GB/s"] counts the minimum bytes (inputs read
 once, outputs written once: 4 * rows * N * 4 forward, 8 * rows * N * 4 forward+backward).
 Needs the extension (`mmkern build`); without it the mmkern rows skip with the reason.
+At these sizes page faults on the fresh 32 MiB outputs cost as much as the arithmetic: the C++ kernels advise
+their large outputs MADV_HUGEPAGE (csrc/common/cpu_output.h) and torch eager's do not, unless the process runs
+with THP_MEM_ALLOC_ENABLE=1 (torch's switch for all its CPU allocations: run with it to compare the kernels alone).
 """
 import pytest
 import torch

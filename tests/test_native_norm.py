@@ -433,22 +433,29 @@ def test_cuda_matches_cpu_on_misaligned_strided_rows_and_is_deterministic(N):
 
 
 @pytest.mark.parametrize("N", [1, 2])
-def test_narrow_rms_rows_backward_within_twice_the_eager_error_row_by_row(N):
+def test_narrow_rms_rows_backward_within_twice_the_eager_error_row_by_row(N, device="cpu", backend="cpu"):
     """Width 1-2 RMSNorm rows: dx = rstd (dxhat - xhat mean(dxhat xhat)) nearly cancels (1 - xhat^2 = eps rstd^2
     at width 1), so each row's gradient error is checked on its own against 2x eager fp32's (found by the fuzz
     suite: the fused multiply-subtract and the width-1 cancellation gave up to 2.5x on ~1% of rows)."""
     for _ in range(60):
         x, dy = _randn(1, N, dtype=torch.float64), _randn(1, N, dtype=torch.float64)
 
-        def grad(dtype, backend):
-            xx = x.to(dtype).requires_grad_()
+        def grad(dtype, backend, device="cpu"):
+            xx = x.to(device, dtype).requires_grad_()
             with mmkern.backend(backend):
                 out = mmkern.rms_norm_residual(xx, eps=1e-5)
-            return torch.autograd.grad(out, xx, dy.to(dtype))[0].double()
+            return torch.autograd.grad(out, xx, dy.to(device, dtype))[0].double().cpu()
         with mmkern.backend("reference"):
             oracle = grad(torch.float64, "reference")
             with compute_in(torch.float32):
                 eager = grad(torch.float32, "reference")
-        got = grad(torch.float32, "cpu")
+        got = grad(torch.float32, backend, device)
         tolerance = 2 * (eager - oracle).abs().max() + torch.finfo(torch.float32).eps * max(oracle.abs().max(), 1e-3)
         assert (got - oracle).abs().max() <= tolerance, (x, dy)
+
+
+@needs_gpu
+@pytest.mark.parametrize("N", [1, 2])
+def test_cuda_narrow_rms_rows_backward_within_twice_the_eager_error_row_by_row(N):
+    """The CUDA kernel's width-1 branch (dxhat eps rstd^2, as the CPU kernel's); width 2 runs with nvcc's FMA."""
+    test_narrow_rms_rows_backward_within_twice_the_eager_error_row_by_row(N, device="cuda", backend="cuda")
