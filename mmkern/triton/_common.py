@@ -20,3 +20,25 @@ def dtype_reasons(**tensors: torch.Tensor | None) -> list[str]:
     """Reasons for tensors whose dtype the Triton kernels do not take (float64 is the reference's)."""
     return [f"{name} has dtype {t.dtype}; the Triton kernels take float16, bfloat16 and float32"
             for name, t in tensors.items() if t is not None and t.dtype not in KERNEL_DTYPES]
+
+
+# Compile options beyond num_warps/num_stages, per kernel (by name): the launchers pass them and
+# mmkern/triton/aot.py compiles with them, so the ahead-of-time report sees the launched code.
+_KERNEL_OPTIONS: dict[str, dict] = {}
+
+# ptxas (12.9 and 13.0 alike) sometimes gives a large kernel only 32 registers and spills kilobytes per
+# thread, a choice no flag of Triton's default compile avoids: the float32 dK/dV kernel, head dim 64, sm_80,
+# 32x64 with 4 warps and no feature on: 32 registers and 17.9 KB of spill stores. Triton's maxnreg option
+# (the PTX directive .maxnreg) states the usual limit explicitly, and ptxas then allocates normally (255
+# registers, 2.1 KB). See `mmkern aot-report` for every configuration.
+FULL_REGISTER_FILE = {"maxnreg": 255}
+
+
+def set_kernel_options(options: dict, *kernels) -> None:
+    for kernel in kernels:
+        _KERNEL_OPTIONS[kernel.__name__] = dict(options)
+
+
+def kernel_options(kernel) -> dict:
+    """The extra compile options of a Triton kernel ({} for most); pass them as launch keywords."""
+    return _KERNEL_OPTIONS.get(getattr(kernel, "__name__", ""), {})

@@ -17,6 +17,8 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
+from mmkern.triton._common import kernel_options
+
 # Largest shared memory one block may use (opt-in), in bytes, per compute capability.
 SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 ARCHS = (80, 90)
@@ -109,7 +111,7 @@ def compile_config(fn, signature: dict, constexprs: dict, num_warps: int, num_st
     dtype = next((t for t in signature.values() if t.startswith("*")), "")
     try:
         compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": num_warps, "num_stages": num_stages})
+                                  options={"num_warps": num_warps, "num_stages": num_stages, **kernel_options(fn)})
     except Exception as exc:  # report every failing configuration, not just the first
         return Compiled(fn.__name__, arch, constexprs, num_warps, num_stages, 0, f"{type(exc).__name__}: {exc}", dtype)
     ptx = compiled.asm.get("ptx", "")

@@ -8,7 +8,7 @@ GQA group, varlen, and the tensors' dtype); the interpreter takes the table's en
 candidate fits its family's shared memory: `aot_configs()` yields them all, and
 mmkern/triton/aot.py compiles each for its architectures (sm_80, sm_86, sm_90) and checks it.
 Feature flags (softcap, ALiBi, masks, dropout, varlen) are constexprs: they change the code, not
-the tiles.
+the tiles, except that a forward with an attn_mask takes `masked_tiles` (its mask tile spilled).
 
 Forward dispatch (`use_split_kv`): the split-KV decode kernels of attention_decode.py when
 max_seqlen_q <= DECODE_MAX_QUERIES (16), there is no attn_mask and no dropout, no input requires
@@ -23,12 +23,18 @@ from typing import NamedTuple
 import torch
 import triton
 
-from mmkern.triton._common import INTERPRETING, dtype_reasons
+from mmkern.triton._common import (FULL_REGISTER_FILE, INTERPRETING, dtype_reasons, kernel_options,
+                                   set_kernel_options)
 from mmkern.triton.attention_backward import (backward_delta_kernel, attention_dkdv_kernel, attention_dq_kernel,
                                               dropout_mask_kernel)
 from mmkern.triton.attention_decode import merge_attention_splits_kernel, attention_decode_split_kernel
 from mmkern.triton.attention_forward import attention_forward_kernel
 from mmkern.triton.attention_scores import UNBOUNDED
+
+
+# the large attention kernels: see FULL_REGISTER_FILE (ptxas's 32-register allocations)
+set_kernel_options(FULL_REGISTER_FILE, attention_forward_kernel, attention_dq_kernel, attention_dkdv_kernel,
+                   attention_decode_split_kernel)
 
 
 class Tiles(NamedTuple):
@@ -88,6 +94,38 @@ def candidates(table: dict, alternatives: dict, family: str, bd: int, dtype: tor
     return (first,) if extra is None else (first, extra)
 
 
+def masked_tiles(tiles: Tiles) -> Tiles:
+    """Forward tiles when the kernel also reads an attn_mask tile: half the key block and 8 warps from 64 rows.
+
+    The mask tile's (BLOCK_M, BLOCK_N) 64-bit addresses and values are live next to the score tile; with the
+    table's tiles ptxas gave up on registers for it: bf16, head dim 64, sm_80, 128x64 with 4 warps went from
+    255 registers / 140 B of spills without a mask to 32 registers / 16 KB with one (sm_90: 3-4 KB; head dim
+    128, 8 warps: 10.6 KB). 128x32 with 8 warps: 0-8 B (head dim 64), 116-172 B (128), at the same arithmetic
+    per key and less shared memory. mmkern aot-report shows every configuration."""
+    return tiles._replace(block_n=max(16, tiles.block_n // 2),
+                          num_warps=max(8, tiles.num_warps) if tiles.block_m >= 64 else tiles.num_warps)
+
+
+def fp32_forward_tiles(tiles: Tiles, bd: int) -> Tiles:
+    """float32 forward tiles from head dim 128: half the key block too, 8 warps. The float32 dots (ieee, FMA
+    on the CUDA cores) keep the whole (BLOCK_M, BLOCK_D) fragments in registers; with BLOCK_N 64 ptxas fell
+    into the same 32-register allocation as masks did: sm_80 head dim 128, 64x64 with 8 warps, 17 KB of spills
+    with no feature on; 64x32: 0-44 B. Head dim 256: 32x32 with 4 warps 18.8 KB, 32x16 with 8 warps 0 B."""
+    if bd < 128:
+        return tiles
+    return tiles._replace(block_n=max(16, tiles.block_n // 2), num_warps=8)
+
+
+def forward_candidates(family: str, bd: int, dtype: torch.dtype, masked: bool) -> tuple[Tiles, ...]:
+    """The forward's tiles: the table's and its autotune alternatives; float32 adjusted (fp32_forward_tiles);
+    with a mask, masked_tiles of the table's alone (the alternatives are tuned for the unmasked performance
+    goal, and each one is another compile)."""
+    tiles = candidates(_FORWARD_TILES, _FORWARD_ALTERNATIVES, family, bd, dtype)
+    if dtype == torch.float32:
+        tiles = tuple(fp32_forward_tiles(t, bd) for t in tiles)
+    return (masked_tiles(tiles[0]),) if masked else tiles
+
+
 def decode_tiles(family: str, bd: int, dtype: torch.dtype, max_seqlen_k: int = 0) -> Tiles:
     """The table's decode tiles. Under the interpreter (no compile, no shared memory: tiles only
     change the speed) BLOCK_N also grows so a split walks at most 8 key tiles: 128k keys take
@@ -135,12 +173,12 @@ def _launch(kernel, tiles: tuple[Tiles, ...], grid, **args) -> None:
     if INTERPRETING or len(tiles) == 1:
         t = tiles[0]
         meta = dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n)
-        kernel[grid(meta)](**args, **meta, num_warps=t.num_warps, num_stages=t.num_stages)
+        kernel[grid(meta)](**args, **meta, num_warps=t.num_warps, num_stages=t.num_stages, **kernel_options(kernel))
         return
     tuned = _TUNED.get((kernel, tiles))
     if tuned is None:
         configs = [triton.Config(dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n), num_warps=t.num_warps,
-                                 num_stages=t.num_stages) for t in tiles]
+                                 num_stages=t.num_stages, **kernel_options(kernel)) for t in tiles]
         tuned = _TUNED[(kernel, tiles)] = triton.autotune(configs=configs, key=_TUNE_KEY)(kernel)
     tuned[grid](**args)
 
@@ -240,7 +278,7 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_se
                 decode_tiles(family, decode_block_d(p.head_dim), q.dtype, p.max_seqlen_k))
         return out, lse
     mask_kind, mask_strides = _mask_args(attn_mask)
-    tiles = candidates(_FORWARD_TILES, _FORWARD_ALTERNATIVES, family, bd, q.dtype)
+    tiles = forward_candidates(family, bd, q.dtype, masked=attn_mask is not None)
     _launch(attention_forward_kernel, tiles, lambda meta: (triton.cdiv(p.max_seqlen_q, meta["BLOCK_M"]),
                                                            p.batch * p.heads),
             Q=q, K=k, V=v, Out=out, Lse=lse, Mask=attn_mask if attn_mask is not None else q, **pointers,
@@ -304,7 +342,7 @@ def _decode(p, q, k, v, out, lse, scalars, flags, pointers, alibi_stride, tiles:
         scalars["bottom_right"], GROUP=flags["GROUP"], IS_VARLEN=p.varlen, HAS_SEQUSED=flags["HAS_SEQUSED"],
         SOFTCAP=flags["SOFTCAP"], ALIBI=flags["ALIBI"], FP32_DOT=flags["FP32_DOT"], BLOCK_M=tiles.block_m,
         BLOCK_N=tiles.block_n, BLOCK_D=decode_block_d(p.head_dim), num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages)
+        num_stages=tiles.num_stages, **kernel_options(attention_decode_split_kernel))
     lb, lh, lm = _lse_strides(lse, p.varlen)
     total = rows * p.heads
     merge_attention_splits_kernel[(triton.cdiv(total, _ROWWISE_BLOCK_R),)](
@@ -425,15 +463,18 @@ def dropout_mask(dropout_seed: torch.Tensor, batch: int, heads: int, max_seqlen_
 def aot_configs():
     """Every tile configuration the launchers can pick (the tables and the autotune alternatives),
     per architecture family and dtype, compiled with every feature on (the largest code; features
-    change the code, not the tiles): yields (kernel, signature, constexprs, warps, stages, archs)."""
+    change the code, not the tiles, except the mask: the forward compiles the table's tiles without one
+    and masked_tiles with one): yields (kernel, signature, constexprs, warps, stages, archs)."""
     archs = {"sm80": (80,), "sm86": (86,), "sm90": (90,)}     # sm_89 shares sm_86's table and limit
     dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
     for family in archs:
         for bd in _FORWARD_TILES[family]:
             for name, dtype in dtypes.items():
-                for tiles in candidates(_FORWARD_TILES, _FORWARD_ALTERNATIVES, family, bd, dtype):
-                    yield (attention_forward_kernel, _signature(attention_forward_kernel, name),
-                           _constexprs(bd, tiles, name), tiles.num_warps, tiles.num_stages, archs[family])
+                for masked in (False, True):     # without a mask: every other feature on; with one: all on
+                    for tiles in forward_candidates(family, bd, dtype, masked):
+                        yield (attention_forward_kernel, _signature(attention_forward_kernel, name),
+                               dict(_constexprs(bd, tiles, name), MASK_KIND=2 if masked else 0), tiles.num_warps,
+                               tiles.num_stages, archs[family])
                 for tiles in candidates(_BACKWARD_TILES, _BACKWARD_ALTERNATIVES, family, bd, dtype):
                     constexprs = _constexprs(bd, tiles, name)
                     yield (attention_dq_kernel, _signature(attention_dq_kernel, name), constexprs,
