@@ -431,7 +431,8 @@ std::tuple<at::Tensor, at::Tensor> euler_step_cpu(const at::Tensor& mo, const at
   if (has_noise) check_like(op, "noise", *noise_opt, "sample", sample);
   const StepLayout L = step_layout(mo, sample);
   auto out = mmkern::empty_output(sample.sizes(), sample.options());
-  auto x0_out = mmkern::empty_output(sample.sizes(), sample.options().dtype(at::kFloat));   // diffusers upcasts: fp32 x0
+  // diffusers upcasts: x0 in fp32
+  auto x0_out = mmkern::empty_output(sample.sizes(), sample.options().dtype(at::kFloat));
   MMKERN_DISPATCH_SAMPLES(sample.scalar_type(), op, [&] {
     const scalar_t* mp = mo.const_data_ptr<scalar_t>();
     const scalar_t* sp = sample.const_data_ptr<scalar_t>();
