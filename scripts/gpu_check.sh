@@ -7,14 +7,25 @@
 #
 # Every step runs under `timeout` (budgets below: 580 s in all) and the script goes on after a failed
 # or timed-out step, so one hang cannot eat the GPU time; the exit status is 1 if any step failed.
+#
+# Wheels the GPU image lacks (diffusers, liger-kernel: scripts/gpu_wheels.sh downloads them into .whl/ on a
+# machine with a registry; name .whl in the GPU call's carry) are installed first, when $MMKERN_WHEELS_DIR
+# (default .whl) holds any, with `pip install --no-index --no-deps --target` into a folder of their own that
+# goes first on PYTHONPATH for every later step; the image's packages stay as they are. The dry run takes
+# the same path when the folder is there (.ci/run downloads it first).
+#
 # OUT_DIR receives at most 6 files (easy to carry back):
-#     gpu_check.log   the output of every step;  summary.txt  one line per step: name, status, seconds
+#     gpu_check.log   the output of every step
+#     summary.txt     the versions seen (python, torch, triton, transformers, diffusers, GPU), then one line per
+#                     step: name, status, seconds, and for pytest steps their counts (passed, failed, skipped, ...)
 #     bench.json      pytest-benchmark JSON (device, versions, ceilings in machine_info["mmkern"])
 #     report.md, tflops.png, gbps.png     `mmkern report bench.json` (the PNGs need matplotlib; without it
 #                     the report says so, and `mmkern report OUT_DIR/bench.json --out OUT_DIR` redraws them
 #                     on any machine that has it)
 #
 # Steps (dry run: what it does instead)
+#   wheels       pip install --no-index --no-deps --target of $MMKERN_WHEELS_DIR/*.whl, then import each;
+#                skipped (no line) without the folder           (the same, with the CPU's python)
 #   env          nvidia-smi, mmkern info, tool versions    (tools present: timeout, nvcc, python, torch, triton,
 #                                                           pytest, pytest-benchmark, matplotlib; every module
 #   build        MMKERN_CUDA_ARCHS=<this GPU> python -m     imported; mmkern info; the build command's options)
@@ -36,6 +47,10 @@ DRY_RUN=0
 if [[ "${1:-}" == "--dry-run" ]]; then DRY_RUN=1; shift; fi
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# Started from inside a pytest-xdist worker (the dry-run test under `pytest -n 2`), the worker's variables would
+# reach every pytest below, and pytest-benchmark takes PYTEST_XDIST_WORKER for xdist being on: it then refuses
+# --benchmark-only. Each step's pytest is a session of its own.
+unset PYTEST_XDIST_WORKER PYTEST_XDIST_WORKER_COUNT PYTEST_XDIST_TESTRUNUID PYTEST_CURRENT_TEST
 PY="${PYTHON:-python3}"
 command -v "$PY" >/dev/null || PY=python
 
@@ -58,17 +73,58 @@ step() {
     shift 2
     local start=$SECONDS status
     echo "== $name (limit ${seconds}s): $*" | tee -a "$LOG"
-    timeout -s INT -k 20 "$seconds" "$@" >>"$LOG" 2>&1
+    local step_log
+    step_log=$(mktemp)
+    timeout -s INT -k 20 "$seconds" "$@" >"$step_log" 2>&1
     local rc=$?
+    cat "$step_log" >>"$LOG"
     case $rc in
         0) status=ok ;;
         124|130|137) status="TIMEOUT after ${seconds}s"; FAILED=1 ;;
         *) status="FAILED rc=$rc"; FAILED=1 ;;
     esac
-    printf '%-14s %-24s %4ss\n' "$name" "$status" $((SECONDS - start)) | tee -a "$SUMMARY"
+    # pytest's closing counts ("12 passed, 3 skipped, 1 failed in 4.2s"), when the step ran pytest
+    local counts
+    counts=$(grep -E '^(=+ )?[0-9]+ (passed|failed|skipped|errors?|deselected|xfailed|xpassed|tests? collected)' \
+             "$step_log" | tail -1 | sed -E 's/^=+ //; s/ =+$//; s/ in [0-9.]+s.*$//')
+    rm -f "$step_log"
+    printf '%-20s %-24s %4ss  %s\n' "$name" "$status" $((SECONDS - start)) "$counts" | tee -a "$SUMMARY"
     echo "== $name: $status" >>"$LOG"
     return 0
 }
+
+# The wheels the image lacks, into a folder of their own first on PYTHONPATH (see the header)
+WHEELS_DIR="${MMKERN_WHEELS_DIR:-.whl}"
+if compgen -G "$WHEELS_DIR/*.whl" >/dev/null; then
+    SITE="${TMPDIR:-/tmp}/mmkern-gpu-site"
+    rm -rf "$SITE"
+    WHEEL_MODULES=$(for w in "$WHEELS_DIR"/*.whl; do basename "$w" | cut -d- -f1; done | tr '\n' ' ')
+    step wheels 15 bash -c "$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+--target '$SITE' '$WHEELS_DIR'/*.whl && PYTHONPATH='$SITE':\$PYTHONPATH $PY -c 'import importlib, sys
+for name in sys.argv[1:]:
+    module = importlib.import_module(name)
+    print(name, getattr(module, \"__version__\", \"\"), \"from\", module.__file__)' $WHEEL_MODULES"
+    grep -q '^wheels  *ok' "$SUMMARY" && export PYTHONPATH="$SITE:$PYTHONPATH"
+fi
+
+# The versions every later step sees, first in the summary
+"$PY" - >>"$SUMMARY" 2>&1 <<'VERSIONS'
+import importlib, importlib.metadata, platform
+seen = [f"python {platform.python_version()}"]
+for name, module in (("torch", "torch"), ("triton", "triton"), ("transformers", "transformers"),
+                     ("diffusers", "diffusers"), ("liger-kernel", "liger_kernel")):
+    try:        # the module's own version where it has one (torch's carries its CUDA tag), else the wheel's
+        seen.append(f"{name} {getattr(importlib.import_module(module), '__version__', None) or importlib.metadata.version(name)}")
+    except Exception:
+        seen.append(f"{name} -")
+try:
+    import torch
+    seen.append(f"GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "no GPU")
+except Exception:
+    pass
+print("versions: " + ", ".join(seen))
+VERSIONS
+tail -1 "$SUMMARY"
 
 # The CUDA C++ attention's test files first, then the rest of the CUDA backend's, then every other one
 # (Triton and the rest), minus the AOT compile job.

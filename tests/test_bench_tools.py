@@ -169,10 +169,25 @@ def test_mmkern_bench_prints_a_table_and_writes_json_the_report_reads(tmp_path):
 
 
 def test_gpu_check_dry_run_goes_start_to_end_on_a_cpu(tmp_path):
-    out = _run("bash", "scripts/gpu_check.sh", "--dry-run", str(tmp_path / "out"), timeout=900)
+    """The GPU script's rehearsal. With MMKERN_WHEELS_DIR set (.ci/run's second environment sets it to what
+    scripts/gpu_wheels.sh downloaded), it also installs and imports the wheels a GPU run carries."""
+    wheels_dir = Path(os.environ.get("MMKERN_WHEELS_DIR", ROOT / ".whl"))
+    carries_wheels = any(wheels_dir.glob("*.whl"))
+    out = _run("bash", "scripts/gpu_check.sh", "--dry-run", str(tmp_path / "out"), timeout=900,
+               env={**os.environ, "PYTHON": sys.executable})
     summary = (tmp_path / "out" / "summary.txt").read_text()
     assert out.returncode == 0, summary + out.stdout[-4000:] + (tmp_path / "out" / "gpu_check.log").read_text()[-6000:]
-    assert [line.split()[0] for line in summary.splitlines()] == ["env", "tests_collect", "bench", "report"]
+    lines = summary.splitlines()
+    versions = [line for line in lines if line.startswith("versions: ")]
+    steps = [line.split() for line in lines if not line.startswith("versions: ")]
+    assert [s[0] for s in steps] == ["wheels"] * carries_wheels + ["env", "tests_collect", "bench", "report"]
+    assert all(s[1] == "ok" for s in steps), summary
+    # the versions every step saw, and pytest's counts on the pytest steps' lines
+    assert len(versions) == 1 and f"torch {torch.__version__}" in versions[0] and "triton " in versions[0]
+    if carries_wheels:
+        assert "diffusers -" not in versions[0], summary       # the carried diffusers is what the steps import
+    collect, bench = (next(s for s in steps if s[0] == name) for name in ("tests_collect", "bench"))
+    assert "collected" in collect and "passed" in bench, summary
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert {"gpu_check.log", "summary.txt", "bench.json", "report.md"} <= set(files) and len(files) < 8
     assert json.loads((tmp_path / "out" / "bench.json").read_text())["benchmarks"]     # timed rows, not disabled

@@ -10,6 +10,10 @@ import torch
 # Kernels with tl.dot take a constexpr DOT_IN_FP32 that upcasts their operands; it is False on a GPU.
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DOT_IN_FP32 = INTERPRETING
+if INTERPRETING:        # scalar loop bounds under triton 3.6's interpreter (see _interpreter_compat)
+    from mmkern.triton import _interpreter_compat
+
+    _interpreter_compat.apply()
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_POINTER = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64",
