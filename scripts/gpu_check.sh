@@ -5,7 +5,7 @@
 #     PYTHONPATH=. scripts/gpu_check.sh [OUT_DIR]        default OUT_DIR: benchmarks/results/<date>-<gpu>/
 #     scripts/gpu_check.sh --dry-run [OUT_DIR]           on a CPU machine: everything up to the GPU steps
 #
-# Every step runs under `timeout` (budgets below: 580 s in all) and the script goes on after a failed
+# Every step runs under `timeout` (budgets below: 580 s in all, the wheels included) and the script goes on after a failed
 # or timed-out step, so one hang cannot eat the GPU time; the exit status is 1 if any step failed.
 #
 # Wheels the GPU image lacks (diffusers, liger-kernel: scripts/gpu_wheels.sh downloads them into .whl/ on a
@@ -184,11 +184,11 @@ else
     # (the dry-run test would run this script's CPU rehearsal inside the GPU run: left to CI)
     step tests_triton 120 "${PYTEST[@]}" "${XDIST[@]}" $OTHER_TESTS \
         --deselect tests/test_bench_tools.py::test_gpu_check_dry_run_goes_start_to_end_on_a_cpu
-    step bench 100 env MMKERN_BENCH_SIZES=quick "${PYTEST[@]}" benchmarks "${BENCH_SELECT[@]}" "${BENCH_OPTS[@]}" \
+    step bench 95 env MMKERN_BENCH_SIZES=quick "${PYTEST[@]}" benchmarks "${BENCH_SELECT[@]}" "${BENCH_OPTS[@]}" \
         --benchmark-json="$OUT/bench.json"
     step report 20 "$PY" -m mmkern report "$OUT/bench.json" --out "$OUT"
     # last (expendable when time is short): the fuzz suites with the GPU profile's example counts
-    step fuzz_gpu 40 env MMKERN_FUZZ_PROFILE=gpu MMKERN_FUZZ_SEED=random "${PYTEST[@]}" tests/test_fuzz_attention.py tests/test_fuzz_norm.py \
+    step fuzz_gpu 30 env MMKERN_FUZZ_PROFILE=gpu MMKERN_FUZZ_SEED=random "${PYTEST[@]}" tests/test_fuzz_attention.py tests/test_fuzz_norm.py \
         tests/test_fuzz_diffusion.py
 fi
 

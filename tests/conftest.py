@@ -68,6 +68,22 @@ def pytest_report_header(config):
     return f"mmkern test inputs: MMKERN_TEST_SEED={TEST_SEED} (set it to draw other random inputs)"
 
 
+def pytest_sessionfinish(session):
+    """An xdist worker hands its fuzz counts to the controller, which prints them (tests/fuzz_profiles.py)."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        import fuzz_profiles
+        workeroutput[fuzz_profiles.WORKER_OUTPUT_KEY] = fuzz_profiles.counts_for_controller()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """(pytest-xdist, on the controller) a worker finished: add its fuzz counts to the summary."""
+    import fuzz_profiles
+    rows = getattr(node, "workeroutput", {}).get(fuzz_profiles.WORKER_OUTPUT_KEY, [])
+    fuzz_profiles.add_worker_counts(node.config, rows)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
     """Random inputs of their own in every test, reproducible from the test's name and MMKERN_TEST_SEED."""

@@ -88,6 +88,23 @@ def register_summary(config) -> None:
         config.pluginmanager.register(_summary, "mmkern-fuzz-summary")
 
 
+# Under pytest-xdist (`pytest -n 2`) the fuzz tests run in workers, whose terminal summaries nobody sees: each
+# worker hands its counts to the controller (conftest.py's pytest_sessionfinish / pytest_testnodedown), which
+# adds them up and prints the summary.
+WORKER_OUTPUT_KEY = "mmkern_fuzz_counts"
+
+
+def counts_for_controller() -> list[list]:
+    return [[test, what, n] for (test, what), n in COUNTS.items()]
+
+
+def add_worker_counts(config, rows: list[list]) -> None:
+    for test, what, n in rows:
+        COUNTS[(test, what)] += n
+    if rows:
+        register_summary(config)
+
+
 @contextlib.contextmanager
 def counted(test: str):
     """Counts one example of `test`, and a failure when its body raises."""

@@ -3,6 +3,7 @@ the clocks and the measuring loop, the FLOP/byte counts and rates, the report fr
 (Markdown and PNG plots), `mmkern bench`, the GPU script's dry run, and aot-report on one config."""
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -186,12 +187,26 @@ def test_gpu_check_dry_run_goes_start_to_end_on_a_cpu(tmp_path):
     assert len(versions) == 1 and f"torch {torch.__version__}" in versions[0] and "triton " in versions[0]
     if carries_wheels:
         assert "diffusers -" not in versions[0], summary       # the carried diffusers is what the steps import
-    collect, bench = (next(s for s in steps if s[0] == name) for name in ("tests_collect", "bench"))
-    assert "collected" in collect and "passed" in bench, summary
+    collect, bench = (" ".join(next(s for s in steps if s[0] == name)) for name in ("tests_collect", "bench"))
+    assert " tests collected" in collect and " passed" in bench, summary
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert {"gpu_check.log", "summary.txt", "bench.json", "report.md"} <= set(files) and len(files) < 8
     assert json.loads((tmp_path / "out" / "bench.json").read_text())["benchmarks"]     # timed rows, not disabled
     assert "# mmkern benchmark report" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_gpu_check_budgets_fit_one_device_call():
+    """The GPU run's step budgets (the wheels step, then the GPU branch) add up to at most 580 s: one device call
+    may run 600 s, and the script itself needs a few seconds around its steps."""
+    script = (ROOT / "scripts" / "gpu_check.sh").read_text()
+    gpu_branch = script.split("\nelse\n    step env ", 1)[1].split("\nfi\n", 1)[0]
+    budgets = dict(re.findall(r"^\s*step (\w+) (\d+) ", script.split("# The versions every later step sees")[0],
+                              re.M))           # the wheels step, before both branches
+    budgets.update(env=gpu_branch.split()[0])
+    budgets.update(re.findall(r"^\s*step (\w+) (\d+) ", gpu_branch, re.M))
+    assert list(budgets) == ["wheels", "env", "build", "tests_cuda_attention", "tests_cuda", "tests_triton", "bench",
+                             "report", "fuzz_gpu"]
+    assert sum(int(seconds) for seconds in budgets.values()) <= 580, budgets
 
 
 def test_aot_report_on_one_filtered_configuration(tmp_path):

@@ -62,14 +62,19 @@ def bert_batch(seed: int = 1) -> dict:
 
 
 def gpt2_batch(seed: int = 2) -> dict:
-    """3 sequences of length 10: full, left-padded (real 6), right-padded (real 8); labels -100 on padding."""
+    """3 sequences of length 10: full, left-padded (real 6), right-padded (real 8); labels -100 on padding.
+
+    GPT-2's loss predicts label t from the logits at t - 1, so the first real token of the left-padded
+    sequence would be scored from a padded position, whose output no model defines (a query that sees no key:
+    transformers 4.53's SDPA path and mmkern give different values there): its label is -100 as well."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (3, 10), generator=g)
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
     mask[2, 8:] = 0
     ids = ids * mask
-    labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
+    predicted_from_real = torch.cat([torch.ones_like(mask[:, :1]), mask[:, :-1]], 1).bool()
+    labels = torch.where(mask.bool() & predicted_from_real, ids, torch.full_like(ids, -100))
     return dict(input_ids=ids, attention_mask=mask, labels=labels)
 
 
