@@ -155,6 +155,29 @@ def test_minus_inf_in_float_mask_matches_oracle(backend, dtype):
     assert_backend_matches_oracle(backend, case, dtypes=[dtype])
 
 
+@pytest.mark.parametrize("backend", ATTN)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_most_negative_float_mask_rows_as_transformers_4_builds_them(backend, dtype):
+    """transformers 4.x hides a key by adding torch.finfo(dtype).min to its score, so a query that sees no real
+    key has only such finite scores, and torch's SDPA gives it the plain average of v. (The Triton online
+    softmax took m log2(e) of such a row, which overflows to -inf in fp32: the row came out NaN.)"""
+    q, k, v = randn(2, 3, 6, 8, dtype=dtype), randn(2, 3, 9, 8, dtype=dtype), randn(2, 3, 9, 8, dtype=dtype)
+    hidden = torch.rand(2, 1, 6, 9) < 0.4
+    hidden[0, 0, 3] = True                                       # a query that sees no real key
+    hidden[:, :, :, 0] = False                                   # the others see at least one
+    hidden[0, 0, 3, 0] = True
+    mask = torch.zeros(2, 1, 6, 9, dtype=dtype).masked_fill(hidden, torch.finfo(dtype).min)
+    with mmkern.backend(backend):
+        out = mmkern.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    want = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask.double())
+    eager = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.isfinite(out).all()
+    if dtype == torch.float32:       # -3.4e38 + s rounds to -3.4e38: the scores of that row are all equal
+        torch.testing.assert_close(want[0, :, 3], v[0].double().mean(-2))
+    error, yardstick = (out.double() - want).abs().max().item(), (eager.double() - want).abs().max().item()
+    assert error <= 2 * yardstick + torch.finfo(dtype).eps * want.abs().max().item(), (error, yardstick)
+
+
 # --------------------------------------------------------------------------- NaN / inf inputs
 
 def _nan_pattern_matches(got, want):

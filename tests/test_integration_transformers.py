@@ -121,6 +121,18 @@ def test_from_pretrained_with_attn_implementation_mmkern(tmp_path):
     torch.testing.assert_close(got[keep], want[keep], rtol=1e-5, atol=1e-5)
 
 
+def _use_attention(model, name: str) -> None:
+    """model.set_attn_implementation(name) (transformers 5), or on 4.x, which has no such method, the config
+    field that every layer on AttentionInterface reads at each forward."""
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    else:
+        model.config._attn_implementation = name
+
+
+@pytest.mark.skipif(not hasattr(transformers.PreTrainedModel, "set_attn_implementation"),
+                    reason=f"transformers {transformers.__version__}'s BERT does not call AttentionInterface (it picks "
+                           f"its attention class at construction): apply_mmkern swaps it instead (tested above)")
 def test_set_attn_implementation_alone_runs_mmkern_attention():
     base = tp.tiny_bert().float().eval()
     model = copy.deepcopy(base)
@@ -281,7 +293,7 @@ def test_gemma2_softcap_sliding_window_and_gqa_through_the_attention_interface(m
     torch.manual_seed(0)
     eager = transformers.Gemma2ForCausalLM(config).eval()
     model = copy.deepcopy(eager)
-    model.set_attn_implementation("mmkern")
+    _use_attention(model, "mmkern")
 
     def no_dense(*args, **kwargs):
         raise AssertionError("a dense mask reached mmkern.scaled_dot_product_attention")

@@ -19,7 +19,8 @@ How masks reach the kernel (no dense seqlen x seqlen bias for padding):
     (the output equals SDPA's key-padding mask at every position, padded queries included);
     causal or windowed layers pack the valid queries and keys (padded query rows come out 0: they
     see nothing, or garbage, in the unpatched model and no valid token ever reads them);
-    transformers 4.x "extended" masks of shape (batch, 1, 1, Lk) are key-padding masks too;
+    transformers 4.x "extended" masks of shape (batch, 1, 1, Lk) are key-padding masks too, and so are its
+    (batch, 1, Lq, Lk) masks (GPT-2 in 4.5x) when they hold causal & key padding and nothing else;
   * other patterns (packed sequences found from position_ids, image-token overlays, chunked
     attention, a StaticCache, whose key slots run past the last query) fall back to transformers'
     boolean 4D mask, run by mmkern.scaled_dot_product_attention; a user's 4D float mask is added to
@@ -249,15 +250,43 @@ def _varlen_with_padding(module, q, k, v, padding, causal, window, **kw):
     return out.reshape(B, Lq, H, out.shape[-1])
 
 
-def _as_key_padding(mask: torch.Tensor) -> torch.Tensor | None:
-    """(B, 1, 1, Lk) mask that keeps or drops whole keys -> (B, Lk) bool (True = keep); else None."""
-    if mask.shape[1] != 1 or mask.shape[2] != 1:
-        return None
-    mask = mask[:, 0, 0, :]
+def _kept(mask: torch.Tensor) -> torch.Tensor | None:
+    """A 4D mask as True = keep: bool as is; float when every entry is 0 (keep) or at most finfo.min / 2
+    (drop, transformers 4.x's convention), else None (a real additive bias)."""
     if mask.dtype == torch.bool:
         return mask
     dropped = mask <= torch.finfo(mask.dtype).min / 2
     return ~dropped if bool(((mask == 0) | dropped).all()) else None
+
+
+def _as_key_padding(mask: torch.Tensor, kv_length: int) -> torch.Tensor | None:
+    """A 4D mask that is key padding, optionally with causality -> (B, Lk) bool (True = keep), tagged
+    .mmkern_causal = True when the mask holds causality; else None.
+
+    (B, 1, 1, Lk) keeps or drops whole keys (older models' "extended" masks). (B, 1, Lq, Lk), as transformers
+    4.x's GPT-2 builds it, is recognised when it equals key padding alone (every row the same) or causal
+    (bottom-right aligned) & key padding, the key padding read off its last row, which sees every key.
+    Only the first kv_length keys count (4.x may build the mask for more key slots than there are keys).
+    The answer is kept on the mask (models pass one mask object to every layer: one check per forward)."""
+    known = mask.__dict__.setdefault("mmkern_padding", {})
+    if kv_length in known:
+        return known[kv_length]
+    padding = None
+    if mask.shape[1] == 1 and kv_length > 0:
+        kept = _kept(mask[:, 0, :, :kv_length])
+        if kept is not None:
+            Lq, Lk = kept.shape[1:]
+            keys = kept[:, -1, :]                                  # (B, Lk)
+            causal = torch.ones(Lq, Lk, dtype=torch.bool, device=kept.device).tril(Lk - Lq)
+            if Lq == 1 or bool((kept == keys[:, None, :]).all()):
+                padding = keys                      # no causality in the mask: the module's own flag decides
+            elif bool((kept == (causal & keys[:, None, :])).all()):
+                padding = keys
+                padding.mmkern_causal = True
+    if padding is not None:
+        padding.mmkern_nothing_padded = bool(padding.all())
+    known[kv_length] = padding
+    return padding
 
 
 def mmkern_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -273,10 +302,10 @@ def mmkern_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     module_causal = bool(getattr(module, "is_causal", False))
     causal = bool(is_causal if is_causal is not None else module_causal)
     if attention_mask is not None and attention_mask.dim() == 4 and not _compiling():
-        padding = _as_key_padding(attention_mask)
-        if padding is not None:  # older models' "extended" masks: (B, 1, 1, Lk), 0 = keep, most negative = drop
-            attention_mask = padding
-            causal = bool(is_causal) or module_causal
+        padding = _as_key_padding(attention_mask, key.shape[2])
+        if padding is not None:  # transformers 4.x masks that are key padding (+ causality): 0 = keep, min = drop
+            causal = bool(is_causal) or module_causal or bool(getattr(padding, "mmkern_causal", False))
+            attention_mask = None if padding.mmkern_nothing_padded else padding
     if attention_mask is not None and attention_mask.dim() == 2:
         # a key-padding mask holds no causality: take it from the mask function that built it (mmkern_mask),
         # else from the module, whatever an SDPA-minded caller passed as is_causal
@@ -343,13 +372,17 @@ def _fused_norm(ln: nn.LayerNorm, dropout_p: float, prenorm: bool) -> LayerNormR
 
 
 def _legacy_bert_self_attention_forward(self, hidden_states, attention_mask=None, head_mask=None,
-                                        encoder_hidden_states=None, past_key_values=None, output_attentions=False,
-                                        cache_position=None, past_key_value=None, **kwargs):
+                                        encoder_hidden_states=None, encoder_attention_mask=None, past_key_value=None,
+                                        output_attentions=False, **kwargs):
     """BERT self-attention of transformers 4.x (which calls torch's SDPA itself, not AttentionInterface):
-    the encoder case (no cache, no cross-attention), on mmkern. Returns (out (B, L, hidden), None)."""
+    the encoder case (no cache, no cross-attention), on mmkern. Returns (out (B, L, hidden), None).
+
+    The positional parameters are BertSelfAttention.forward's of 4.5x, in its order: BertAttention calls it
+    positionally (hidden_states, attention_mask, head_mask, encoder_hidden_states, encoder_attention_mask,
+    past_key_value, output_attentions); later 4.x also pass past_key_values / cache_position by keyword."""
+    cache = past_key_value if past_key_value is not None else kwargs.get("past_key_values")
     for value, what in ((head_mask, "a head_mask"), (encoder_hidden_states, "cross-attention"),
-                        (past_key_values if past_key_values is not None else past_key_value, "a KV cache"),
-                        (output_attentions or None, "output_attentions=True")):
+                        (cache, "a KV cache"), (output_attentions or None, "output_attentions=True")):
         if value is not None:
             raise ValueError(f"mmkern attention in {_layer_name(self)}: {what} is not supported for BERT on "
                              f"transformers {transformers.__version__} (encoder self-attention only)")

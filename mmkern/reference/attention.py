@@ -13,7 +13,7 @@ Semantics (flash-attn's, shared by every backend):
       j <= i + off + window_right     (causal means window_right = 0)
       j >= i + off - window_left      (-1 = unbounded)
   lse_i  = log sum_j visible exp(s_ij)                     -inf when no key is visible
-  p_ij   = exp(s_ij - lse_i), 0 when not visible
+  p_ij   = exp(s_ij - lse_i), 0 when not visible           (computed through the row max: _probabilities)
   out_i  = sum_j dropout(p_ij) v_j,  dropout(p) = p * keep / (1 - dropout_p)
 MQA/GQA: query head h reads key/value head h // (H / H_kv).
 
@@ -122,9 +122,21 @@ def _scores(q, k, softmax_scale, q_lens, k_lens, m: Masking):
 
 def _probabilities(s: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     """p = exp(s - lse), 0 in rows that see no key (lse = -inf) instead of NaN. A row whose scores hold
-    a NaN (NaN input) has lse NaN and stays NaN, as in torch's SDPA: NaN input never turns into 0."""
+    a NaN (NaN input) has lse NaN and stays NaN, as in torch's SDPA: NaN input never turns into 0.
+
+    Computed as exp(s - m) / sum exp(s - m) with m the row max, not as exp(s - lse): where every score
+    of a row is huge and negative (transformers 4.x hides a key by adding torch.finfo(float32).min, and a
+    query that sees no real key has only such scores), lse = m + log(sum) rounds to m even in float64,
+    and exp(s - lse) would lose the 1 / sum (p = 1 for every key instead of the uniform 1 / Lk). Rows
+    whose max is not finite (+inf or NaN scores) keep exp(s - lse): NaN where the score is, 0 elsewhere."""
+    if s.shape[-1] == 0:        # no keys at all (Lk = 0): nothing to normalise
+        return torch.zeros_like(s)
     seen = (lse != float("-inf")).unsqueeze(-1)
-    return torch.where(seen, torch.exp(s - lse.unsqueeze(-1)), torch.zeros_like(s))
+    m = s.amax(-1, keepdim=True)
+    finite = torch.isfinite(m)
+    e = torch.exp(s - torch.where(finite, m, torch.zeros_like(m)))
+    p = torch.where(finite, e / e.sum(-1, keepdim=True), torch.exp(s - lse.unsqueeze(-1)))
+    return torch.where(seen, p, torch.zeros_like(s))
 
 
 def attention_padded(q, k, v, q_lens, k_lens, softmax_scale: float, m: Masking,

@@ -80,7 +80,7 @@ def attention_decode_split_kernel(
                           window_right, Q, SOFTCAP, ALIBI, 0, FP32_DOT)
         m_new = max_nan(m_i, row_max(s))           # NaN scores stay in m (see the epilogue)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s * LOG2E - (m_safe * LOG2E)[:, None])     # e^(s - m): one FMA and exp2 per score
+        p = tl.exp2((s - m_safe[:, None]) * LOG2E)     # e^(s - m); the difference first (attention_scores)
         rescale = tl.exp2((m_i - m_safe) * LOG2E)
         l_i = l_i * rescale + tl.sum(p, 1)
         v = tl.load(v_base + cols[:, None].to(tl.int64) * stride_vn + dims[None, :], mask=kv_mask, other=0.0)

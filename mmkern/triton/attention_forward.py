@@ -7,7 +7,7 @@ h reads kv head h // GROUP) and keeps a running max m, running sum l and the out
     m' = max(m, rowmax(s));  l = l e^(m - m') + rowsum(e^(s - m'));  acc = acc e^(m - m') + dropout(e^(s - m')) v
     out = acc / l,  lse = m + log l         (a row that sees no key: out 0, lse -inf)
 
-scores, m and lse in natural units, exponentiated as exp2(s log2(e) - m log2(e)) (see attention_scores).
+scores, m and lse in natural units, exponentiated as exp2((s - m) log2(e)) (see attention_scores).
 
 Memory traffic per program: q once, each visible K/V tile once, out and lse once: O(L) memory,
 no L x L intermediate. Dropout is applied to the probabilities that multiply V, not to l.
@@ -72,7 +72,7 @@ def attention_forward_kernel(
                           mask_base + cols[None, :] * stride_mn, SOFTCAP, ALIBI, MASK_KIND, FP32_DOT)
         m_new = max_nan(m_i, row_max(s))           # NaN scores stay in m (see the epilogue)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)    # rows that have seen nothing yet
-        p = tl.exp2(s * LOG2E - (m_safe * LOG2E)[:, None])     # e^(s - m): one FMA and exp2 per score
+        p = tl.exp2((s - m_safe[:, None]) * LOG2E)     # e^(s - m); the difference first (attention_scores)
         rescale = tl.exp2((m_i - m_safe) * LOG2E)
         l_i = l_i * rescale + tl.sum(p, 1)
         if DROPOUT:

@@ -13,8 +13,12 @@ is the single definition of what a score is, so they can never disagree:
 Scores are in natural units everywhere, formed exactly as the float64 oracle forms them (scale
 times the dot, then softcap, ALiBi, mask), so the forward's lse and the backward's recomputed
 p = exp(s - lse) describe the same numbers. The online softmax still exponentiates with exp2 (one
-MUFU instruction): exp(s - m) = exp2(s log2(e) - m log2(e)), one fused multiply-add per score on a GPU,
-as in FlashAttention; the max and the lse stay natural (lse = m + ln l, as torch.logsumexp). Folding
+MUFU instruction): exp(s - m) = exp2((s - m) log2(e)), a subtraction and a multiply per score; the max and
+the lse stay natural (lse = m + ln l, as torch.logsumexp). Not FlashAttention's single fused multiply-add
+s log2(e) - m log2(e): scores near -FLT_MAX are finite (the float masks of transformers 4.x add
+torch.finfo(float32).min to every hidden key, and a query that sees no real key has only such scores), and
+m log2(e) overflows to -inf there, so that row gave -inf - (-inf) = NaN where torch's SDPA gives the
+uniform average; s - m is exact for such a row (Sterbenz) and never overflows when m is finite. Folding
 log2(e) into the scale instead (base-2 scores) rounded scale log2(e) once for all scores of a row:
 a shared relative error that the backward's conversion of lse back to base 2 did not cancel, and
 that dV, dK and dQ summed coherently (fp32 errors above 2x eager's: issue 3, part C).
