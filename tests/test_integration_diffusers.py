@@ -76,7 +76,8 @@ def test_ddim_loop_parity_fp32_cpu(backend):
     _skip_without_attention(backend)
     if not parity.has_kernels(backend, "ddim_step"):
         pytest.skip(f"backend {backend!r} has no ddim_step kernel")
-    oracle, baseline, patched = parity.ddim_three_ways(torch.float32, "cpu", backend)
+    with forced(backend):       # CPU tensors: Triton takes them through its interpreter only (skipped on a GPU)
+        oracle, baseline, patched = parity.ddim_three_ways(torch.float32, "cpu", backend)
     error, tolerance = parity.criterion(oracle, baseline, patched, torch.float32)
     assert error <= tolerance, f"DDIM loop [{backend}]: error {error:.3e} > tolerance {tolerance:.3e}"
 
