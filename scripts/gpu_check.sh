@@ -5,8 +5,9 @@
 #     PYTHONPATH=. scripts/gpu_check.sh [OUT_DIR]        default OUT_DIR: benchmarks/results/<date>-<gpu>/
 #     scripts/gpu_check.sh --dry-run [OUT_DIR]           on a CPU machine: everything up to the GPU steps
 #
-# Every step runs under `timeout` (budgets below: 580 s in all, the wheels included) and the script goes on after a failed
-# or timed-out step, so one hang cannot eat the GPU time; the exit status is 1 if any step failed.
+# Every step runs under `timeout` (budgets below: 580 s in all, the wheels step included; a test checks the sum)
+# and the script goes on after a failed or timed-out step, so one hang cannot eat the GPU time; the exit
+# status is 1 if any step failed.
 #
 # Wheels the GPU image lacks (diffusers, liger-kernel: scripts/gpu_wheels.sh downloads them into .whl/ on a
 # machine with a registry; name .whl in the GPU call's carry) are installed first, when $MMKERN_WHEELS_DIR
@@ -107,14 +108,15 @@ for name in sys.argv[1:]:
     grep -q '^wheels  *ok' "$SUMMARY" && export PYTHONPATH="$SITE:$PYTHONPATH"
 fi
 
-# The versions every later step sees, first in the summary
+# The versions every later step sees, in the summary before the steps' lines (after the wheels step's)
 "$PY" - >>"$SUMMARY" 2>&1 <<'VERSIONS'
 import importlib, importlib.metadata, platform
 seen = [f"python {platform.python_version()}"]
 for name, module in (("torch", "torch"), ("triton", "triton"), ("transformers", "transformers"),
                      ("diffusers", "diffusers"), ("liger-kernel", "liger_kernel")):
     try:        # the module's own version where it has one (torch's carries its CUDA tag), else the wheel's
-        seen.append(f"{name} {getattr(importlib.import_module(module), '__version__', None) or importlib.metadata.version(name)}")
+        version = getattr(importlib.import_module(module), "__version__", None) or importlib.metadata.version(name)
+        seen.append(f"{name} {version}")
     except Exception:
         seen.append(f"{name} -")
 try:

@@ -24,8 +24,10 @@ TAG=$(printf '%s\n' "${PINS[@]}" | tr -d '=' | tr '\n' '-' | sed 's/-$//')
 VENV="${1:-${XDG_CACHE_HOME:-$HOME/.cache}/mmkern-ci/gpu-image-py3.12-$TAG}"
 
 if [[ ! -x "$VENV/bin/python" ]]; then
-    PY312="$(PYENV_VERSION=$(pyenv versions --bare 2>/dev/null | grep '^3\.12' | tail -1) pyenv which python 2>/dev/null \
-             || command -v python3.12 || true)"
+    PY312=""
+    PY312_VERSION=$(pyenv versions --bare 2>/dev/null | grep '^3\.12' | tail -1 || true)
+    [[ -n "$PY312_VERSION" ]] && PY312=$(PYENV_VERSION=$PY312_VERSION pyenv which python 2>/dev/null || true)
+    [[ -n "$PY312" ]] || PY312=$(command -v python3.12 || true)
     if [[ -z "$PY312" ]]; then
         echo "gpu_image_env.sh: no Python 3.12 here (pyenv install 3.12 or a python3.12 on PATH)" >&2
         exit 1
@@ -37,9 +39,11 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # the pins and the package in one resolve (a later `pip install -e` alone could move a pinned version)
 "$VENV/bin/python" -m pip install -q "${PINS[@]}" "${IMAGE_EXTRAS[@]}" -e ".[test]" >&2
 "$VENV/bin/python" - "${PINS[@]}" >&2 <<'CHECK'
-import importlib.metadata as md, sys
+import importlib.metadata as md, platform, sys
 wrong = [f"{pin} (have {md.version(pin.split('==')[0])})" for pin in sys.argv[1:]
          if md.version(pin.split("==")[0]).split("+")[0] != pin.split("==")[1]]
+if sys.version_info[:2] != (3, 12):
+    wrong.append(f"Python 3.12 (have {platform.python_version()})")
 sys.exit(f"gpu_image_env.sh: versions moved off the GPU image's: {', '.join(wrong)}" if wrong else 0)
 CHECK
 echo "$VENV"
