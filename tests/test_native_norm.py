@@ -21,6 +21,7 @@ from mmkern import dispatch
 from mmkern.reference.precision import compute_in
 from mmkern.verify import Case
 from conftest import assert_backend_matches_oracle, max_abs_err, seed_drawn_after
+from philox_model import philox_keep
 
 f16, bf16, f32 = torch.float16, torch.bfloat16, torch.float32
 # (x dtype, residual-stream dtype)
@@ -153,27 +154,6 @@ def test_cpu_many_rows_take_many_backward_chunks():
 
 
 # --------------------------------------------------------------------------- dropout
-
-def philox_keep(seed: int, index: np.ndarray, p: float) -> np.ndarray:
-    """Independent Philox-4x32-10 in numpy, as Triton's tl.rand(seed, index) >= p."""
-    mask32 = np.uint64(0xFFFFFFFF)
-    index = index.astype(np.uint64)
-    c0, c1 = index & mask32, index >> np.uint64(32)
-    c2 = np.zeros_like(c0)
-    c3 = np.zeros_like(c0)
-    k0 = np.full_like(c0, seed & 0xFFFFFFFF)
-    k1 = np.full_like(c0, (seed >> 32) & 0xFFFFFFFF)
-    A, B = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
-    for _ in range(10):
-        p0, p2 = A * c0, B * c2                   # 32 x 32 -> 64 bits, exact in uint64
-        c0, c1, c2, c3 = ((p2 >> np.uint64(32)) ^ c1 ^ k0) & mask32, p2 & mask32, \
-            ((p0 >> np.uint64(32)) ^ c3 ^ k1) & mask32, p0 & mask32
-        k0 = (k0 + np.uint64(0x9E3779B9)) & mask32
-        k1 = (k1 + np.uint64(0xBB67AE85)) & mask32
-    x = c0.astype(np.uint32).view(np.int32)
-    x = np.where(x < 0, ~x, x)
-    return x.astype(np.float32) * np.float32(4.6566127342e-10) >= np.float32(p)
-
 
 @pytest.mark.parametrize("seed", [0, 12345, 2**62 - 1])
 def test_dropout_mask_is_philox_bit_for_bit(seed):

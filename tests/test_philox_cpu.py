@@ -4,7 +4,7 @@ The header is compiled on its own (it needs no torch) into a small program, once
 build and once portable, and run at counters the extension's tests cannot reach: offsets whose low word
 wraps inside a group of eight (the carry into the high word), offsets above 2^32, 2^63, large seeds. Every
 lane of philox_bits_x8 must equal the scalar philox_bits, and dropout_scale must keep exactly the elements
-of the numpy model (tests/test_native_norm.py: philox_keep) and scale them exactly.
+of the numpy model (tests/philox_model.py: philox_keep) and scale them exactly.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from mmkern import build
-from test_native_norm import philox_keep
+from philox_model import philox_keep
 
 DRIVER = r"""
 #include <cstdio>

@@ -18,7 +18,7 @@ Memory traffic: Q, dO, K, V read once per visiting tile pair; no L x L intermedi
 import triton
 import triton.language as tl
 
-from mmkern.triton.attention_scores import dot, dropout_keep, score_tile, sequence_bounds
+from mmkern.triton.attention_scores import cast, dot, dropout_keep, score_tile, sequence_bounds
 
 
 @triton.jit
@@ -95,22 +95,23 @@ def attention_dkdv_kernel(
                 dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
             else:
                 p_dropped = p
-            dv += dot(tl.trans(p_dropped.to(do.dtype)), do, FP32_DOT)
+            dv += dot(tl.trans(cast(p_dropped, do.dtype)), do, FP32_DOT)
             ds = p * (dp - delta[:, None])
             if MASK_GRAD:
                 dm_ptrs = DMask + batch.to(tl.int64) * stride_dmb + head * stride_dmh \
                     + rows[:, None].to(tl.int64) * stride_dmm + cols[None, :] * stride_dmn
-                tl.store(dm_ptrs, ds.to(DMask.dtype.element_ty), mask=(rows[:, None] < q_len) & (cols[None, :] < k_len))
+                tl.store(dm_ptrs, cast(ds, DMask.dtype.element_ty),
+                         mask=(rows[:, None] < q_len) & (cols[None, :] < k_len))
             if SOFTCAP:
                 ds = ds * cap_slope
-            dk += dot(tl.trans(ds.to(q.dtype)), q, FP32_DOT)
+            dk += dot(tl.trans(cast(ds, q.dtype)), q, FP32_DOT)
 
     dk_ptrs = DK + batch.to(tl.int64) * stride_dkb + (k_start + cols[:, None]).to(tl.int64) * stride_dkn \
         + kv_head * stride_dkh + dims[None, :]
     dv_ptrs = DV + batch.to(tl.int64) * stride_dvb + (k_start + cols[:, None]).to(tl.int64) * stride_dvn \
         + kv_head * stride_dvh + dims[None, :]
-    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    tl.store(dk_ptrs, cast(dk * scale, DK.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptrs, cast(dv, DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -174,9 +175,9 @@ def attention_dq_kernel(
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
             ds = ds * cap_slope
-        dq += dot(ds.to(k.dtype), k, FP32_DOT)
+        dq += dot(cast(ds, k.dtype), k, FP32_DOT)
     tl.store(DQ + batch.to(tl.int64) * stride_dqb + (q_start + rows[:, None]).to(tl.int64) * stride_dqm
-             + head * stride_dqh + dims[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=row_mask)
+             + head * stride_dqh + dims[None, :], cast(dq * scale, DQ.dtype.element_ty), mask=row_mask)
 
 
 @triton.jit

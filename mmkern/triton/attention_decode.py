@@ -20,7 +20,7 @@ num_splits * rows * heads * (head_dim + 1) float32 written and read once; O(L) i
 import triton
 import triton.language as tl
 
-from mmkern.triton.attention_scores import LOG2E, dot, max_nan, row_max, score_tile, sequence_bounds
+from mmkern.triton.attention_scores import LOG2E, cast, dot, max_nan, row_max, score_tile, sequence_bounds
 
 
 @triton.jit
@@ -84,7 +84,7 @@ def attention_decode_split_kernel(
         rescale = tl.exp2((m_i - m_safe) * LOG2E)
         l_i = l_i * rescale + tl.sum(p, 1)
         v = tl.load(v_base + cols[:, None].to(tl.int64) * stride_vn + dims[None, :], mask=kv_mask, other=0.0)
-        acc = acc * rescale[:, None] + dot(p.to(v.dtype), v, FP32_DOT)
+        acc = acc * rescale[:, None] + dot(cast(p, v.dtype), v, FP32_DOT)
         m_i = m_new
 
     # As the oracle (torch.logsumexp, softmax): l = 0 exactly, the row saw no key: out 0, lse -inf.
@@ -150,4 +150,4 @@ def merge_attention_splits_kernel(
             acc += w[:, None] * tl.load(o_ptrs, mask=io_mask, other=0.0)
             lse_ptrs += stride_ls
             o_ptrs += stride_ps
-        tl.store(Out + idx64[:, None] * head_dim + dims[None, :], acc.to(Out.dtype.element_ty), mask=io_mask)
+        tl.store(Out + idx64[:, None] * head_dim + dims[None, :], cast(acc, Out.dtype.element_ty), mask=io_mask)

@@ -15,7 +15,7 @@ no L x L intermediate. Dropout is applied to the probabilities that multiply V, 
 import triton
 import triton.language as tl
 
-from mmkern.triton.attention_scores import (LOG2E, dot, dropout_keep, max_nan, row_max, score_tile,
+from mmkern.triton.attention_scores import (LOG2E, cast, dot, dropout_keep, max_nan, row_max, score_tile,
                                             sequence_bounds)
 
 
@@ -79,7 +79,7 @@ def attention_forward_kernel(
             keep = dropout_keep(seed, batch_head, rows, cols, max_seqlen_q, max_seqlen_k, dropout_p)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         v = tl.load(v_base + cols[:, None].to(tl.int64) * stride_vn + dims[None, :], mask=kv_mask, other=0.0)
-        acc = acc * rescale[:, None] + dot(p.to(v.dtype), v, FP32_DOT)
+        acc = acc * rescale[:, None] + dot(cast(p, v.dtype), v, FP32_DOT)
         m_i = m_new
 
     # As the oracle (torch.logsumexp, softmax): l = 0 exactly, the row saw no key: out 0, lse -inf.
@@ -91,6 +91,6 @@ def attention_forward_kernel(
     lse = tl.where(empty, float("-inf"), tl.where(m_i == float("inf"), float("inf"), lse))
     o_ptrs = Out + batch.to(tl.int64) * stride_ob + (q_start + rows[:, None]).to(tl.int64) * stride_om \
         + head * stride_oh + dims[None, :]
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(rows[:, None] < q_len) & (dims[None, :] < head_dim))
+    tl.store(o_ptrs, cast(out, Out.dtype.element_ty), mask=(rows[:, None] < q_len) & (dims[None, :] < head_dim))
     l_ptrs = Lse + batch.to(tl.int64) * stride_lb + head * stride_lh + (q_start + rows).to(tl.int64) * stride_lm
     tl.store(l_ptrs, lse, mask=rows < q_len)

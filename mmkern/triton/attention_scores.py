@@ -29,8 +29,26 @@ Unbounded windows arrive as a large number (UNBOUNDED), so the window test needs
 import triton
 import triton.language as tl
 
+from mmkern.triton._common import INTERPRETING
+
 UNBOUNDED = 1 << 30
 LOG2E = tl.constexpr(1.4426950408889634)    # exp(x) = exp2(x log2(e))
+
+
+# Triton's interpreter truncates float32 -> bfloat16 where a GPU rounds to nearest even (DESIGN.md): under it
+# (only) `cast` rounds the bits first, so CPU tests see the GPU's bf16 operands and outputs.
+ROUND_BF16 = tl.constexpr(INTERPRETING)
+
+
+@triton.jit
+def cast(x, dtype: tl.constexpr):
+    """float32 x in `dtype` (an operand of a 16-bit dot, or what a kernel stores), rounded to nearest even."""
+    if ROUND_BF16:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.int32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
 
 
 @triton.jit
