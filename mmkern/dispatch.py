@@ -10,11 +10,15 @@ Selection:
 - a forced backend (``with mmkern.backend("triton"):`` or ``MMKERN_BACKEND=triton``) is taken
   if it has no reasons, otherwise ``NoBackendError`` lists them;
 - when nothing fits, ``NoBackendError`` lists every backend with its reasons.
+
+``with mmkern.dispatch_log() as log:`` records which backend ran each op inside the block (tests use it
+to assert that the backend they name is the one that ran).
 """
 from __future__ import annotations
 
 import contextvars
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -152,7 +156,46 @@ def select(op: str, device: torch.device, inputs: dict) -> str:
     raise NoBackendError(f"mmkern: {how} for {op} on {device.type} tensors:\n" + "\n".join(lines))
 
 
+# The open dispatch_log blocks. Process-wide, not a context variable: autograd runs CUDA backwards in its own
+# threads, and a backward is part of what a block records.
+_LOGS: list[list[tuple[str, str]]] = []
+_LOGS_LOCK = threading.Lock()
+
+
+class dispatch_log:
+    """Records (op, backend) for every op dispatched while the block is open, in any thread:
+
+        with mmkern.dispatch_log() as log:
+            out = mmkern.flash_attn_func(q, k, v)
+        assert log.ran("triton", "attention_forward")
+    """
+
+    def __init__(self):
+        self.calls: list[tuple[str, str]] = []
+
+    def __enter__(self) -> "dispatch_log":
+        with _LOGS_LOCK:
+            _LOGS.append(self.calls)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with _LOGS_LOCK:
+            index = next(i for i, calls in enumerate(_LOGS) if calls is self.calls)
+            del _LOGS[index]
+
+    def backends(self, op: str | None = None) -> set[str]:
+        """The backends that ran `op` (any op when None)."""
+        return {name for o, name in self.calls if op is None or o == op}
+
+    def ran(self, backend_name: str, op: str | None = None) -> bool:
+        return backend_name in self.backends(op)
+
+
 def call(op: str, device: torch.device, **inputs):
     """Run `op` on the selected backend."""
     name = select(op, device, inputs)
+    if _LOGS:
+        with _LOGS_LOCK:
+            for calls in _LOGS:
+                calls.append((op, name))
     return _BACKENDS[name].kernels[op].run(**inputs)

@@ -1,11 +1,19 @@
 """`mmkern verify`: every op on every usable backend against the float64 reference.
 
-For each case (an op with a small, awkward shape), each backend and each dtype d:
-    error     = max |backend(inputs in d) - oracle(inputs in float64)|        over outputs (and gradients)
-    baseline  = max |eager PyTorch in d  - oracle|                           (the reference math run in d)
-    tolerance = 2 * baseline + eps(d) * max |oracle|                         (flash-attn's criterion)
-The last term, one unit in the last place of the largest output, keeps the criterion meaningful
-for tiny tensors, where the baseline's error can be zero by luck.
+flash-attn's criterion, for each case (an op with a small, awkward shape), backend and dtype d, applied
+to each output tensor (and each gradient) on its own:
+    inputs    = fresh float64 draws rounded to d: the backend, the yardstick and the oracle all see them
+    oracle    = the reference math in float64 on those rounded inputs (upcast)
+    error     = max |backend(inputs) - oracle|
+    baseline  = max |eager PyTorch in p - oracle|   (the reference math run in p)
+    tolerance = 2 * baseline + eps(p) * max |oracle|
+where p, the precision an output is judged at, is d, or float32 for an output the op returns in float32
+whatever d is (the lse; the residual stream with residual_in_fp32): a kernel that rounds such an
+output to d fails. The last term, one unit in the last place of the largest output, keeps the criterion
+meaningful for tiny tensors, where the baseline's error can be zero by luck. Where eager PyTorch in d is
+not finite (it overflows where the kernel, computing in float32, does not), the baseline is the
+float32 yardstick's scaled by eps(d) / eps(float32), and the row says so. A row whose tolerance is not
+finite fails: a check with an infinite bound is no check.
 Rows "reference vs torch" check the oracle itself against torch's own float64 implementations.
 Backends that cannot run in this process but could in another (Triton on a machine without a
 GPU: through its interpreter) are verified in a subprocess and their rows merged in.
@@ -39,10 +47,12 @@ class Row:
     shape: str
     error: float
     tolerance: float
+    note: str = ""              # how the bound was derived, where it is not the plain criterion
+    gradient: bool = False      # the row judges a gradient (not an output of the forward)
 
     @property
     def passed(self) -> bool:
-        return self.error <= self.tolerance
+        return math.isfinite(self.tolerance) and self.error <= self.tolerance
 
 
 @dataclass
@@ -55,14 +65,36 @@ class Case:
     grad: tuple[str, ...] = ()                # inputs whose gradients are checked too
     torch_impl: Callable[..., tuple] | None = None   # torch's own float64 implementation, if any
     ops: tuple[str, ...] = field(default=())  # the dispatcher ops it exercises
+    outputs: tuple[str, ...] = ()             # names of run's outputs in the rows (default out, out1, ...)
+
+    def output_names(self, n: int) -> list[str]:
+        names = list(self.outputs) + [f"out{i}" if i else "out" for i in range(len(self.outputs), n)]
+        return names[:n] + [f"d{name}" for name in self.grad]
+
+
+@dataclass
+class Comparison:
+    """One output tensor of a case judged against the oracle (the numbers a Row is made of)."""
+    name: str                 # "<case.op> <output>", e.g. "flash_attn_func causal gqa dq"
+    error: float              # max |backend - oracle|
+    baseline: float           # max |eager in `judged_at` - oracle| (scaled, see note)
+    ulp: float                # eps(judged_at) * max |oracle|
+    judged_at: torch.dtype
+    gradient: bool
+    note: str = ""
+    ran: bool = True          # some op of the case ran on the backend judged (mmkern.dispatch_log)
+
+    def tolerance(self, ulps: float = 1.0) -> float:
+        return 2 * self.baseline + ulps * self.ulp
 
 
 def _err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b|, counting equal infinities (lse = -inf) as exact and NaN as infinitely wrong."""
+    """max |a - b|, counting equal infinities (lse = -inf) and NaN where the other has NaN too (the mean loss of
+    an empty batch) as exact, and any other NaN as infinitely wrong."""
     if a.numel() == 0:
         return 0.0
     a, b = a.double(), b.double()
-    same = a == b
+    same = (a == b) | (torch.isnan(a) & torch.isnan(b))
     diff = torch.where(same, torch.zeros_like(a), (a - b).abs())
     return math.inf if torch.isnan(diff).any() else diff.max().item()
 
@@ -72,15 +104,17 @@ def _largest(tensors) -> float:
     return max([t.max().item() for t in finite if t.numel()], default=0.0)
 
 
-def _execute(case: Case, inputs: dict, dout_seed: int) -> list[torch.Tensor]:
-    """Outputs of the case, then the gradients of its `grad` inputs (with a fixed random dout)."""
+def _execute(case: Case, inputs: dict, dout_seed: int, dout_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """Outputs of the case, then the gradients of its `grad` inputs (with a fixed random dout, rounded to
+    `dout_dtype` when given, so the oracle gets the same output gradient as the backend)."""
     inputs = {n: (t.clone().requires_grad_(n in case.grad) if isinstance(t, torch.Tensor) else t)
               for n, t in inputs.items()}
     outputs = case.run(**inputs)
     results = [o.detach() for o in outputs]
     if case.grad:
         generator = torch.Generator().manual_seed(dout_seed)
-        douts = [torch.randn(o.shape, generator=generator, dtype=torch.float64).to(o.dtype) for o in outputs[:1]]
+        douts = [torch.randn(o.shape, generator=generator, dtype=torch.float64).to(dout_dtype or o.dtype).to(o.dtype)
+                 for o in outputs[:1]]
         grads = torch.autograd.grad(outputs[:1], [inputs[n] for n in case.grad], douts)
         results += list(grads)
     return results
@@ -90,25 +124,60 @@ def _cast(case: Case, inputs: dict, dtype: torch.dtype) -> dict:
     return {n: (t.to(dtype) if n in case.cast else t) for n, t in inputs.items()}
 
 
-def measure(case: Case, backend: str, dtype: torch.dtype) -> list[Row]:
-    inputs = case.make()
+def rounded_inputs(case: Case, inputs: dict, dtype: torch.dtype) -> tuple[dict, dict]:
+    """(the inputs in `dtype`, the same values upcast to float64): what the backend and the oracle get."""
+    low = _cast(case, inputs, dtype)
+    return low, {n: (t.double() if n in case.cast else t) for n, t in low.items()}
+
+
+def _judged_at(output: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    """The precision an output is judged at: d, or float32 for a float32 output of a half-precision call."""
+    if output.dtype == torch.float32 and dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return dtype
+
+
+def compare(case: Case, backend: str, dtype: torch.dtype) -> list[Comparison]:
+    """Each output (then each gradient) of `case` on `backend` in `dtype`, against the oracle on the same
+    rounded inputs, with its yardstick (see the module docstring)."""
+    low, upcast = rounded_inputs(case, case.make(), dtype)
+    yardsticks: dict[torch.dtype, list[torch.Tensor]] = {}
+
+    def baseline(precision: torch.dtype) -> list[torch.Tensor]:
+        """Eager PyTorch (the reference math) computed in `precision`, on the rounded inputs held in
+        `precision` (so a float32 yardstick's outputs are float32: its error is the computation's alone,
+        not the rounding of a half-precision output)."""
+        if precision not in yardsticks:
+            with mmkern.backend("reference"), compute_in(precision):
+                yardsticks[precision] = _execute(case, _cast(case, low, precision), 0)
+        return yardsticks[precision]
+
     with mmkern.backend("reference"):
-        oracle = _execute(case, inputs, 0)
-        with compute_in(dtype):
-            baseline = _execute(case, _cast(case, inputs, dtype), 0)
-    with mmkern.backend(backend):
-        got = _execute(case, _cast(case, inputs, dtype), 0)
+        oracle = _execute(case, upcast, 0, dout_dtype=dtype)
+    baseline(dtype)
+    with mmkern.backend(backend), mmkern.dispatch_log() as log:
+        got = _execute(case, low, 0)
     n_out = len(oracle) - len(case.grad)
-    rows = []
-    for label, part in (("fwd", slice(0, n_out)), ("bwd", slice(n_out, None))):
-        if part.start == len(oracle):
-            continue
-        error = max(_err(g, o) for g, o in zip(got[part], oracle[part]))
-        base = max(_err(b, o) for b, o in zip(baseline[part], oracle[part]))
-        ulp = torch.finfo(dtype).eps * max(_largest(oracle[part]), 1e-3)
-        name = case.op if not case.grad else f"{case.op} {label}"
-        rows.append(Row(name, backend, str(dtype).replace("torch.", ""), case.shape, error, 2 * base + ulp))
-    return rows
+    comparisons = []
+    for i, (name, g, o) in enumerate(zip(case.output_names(n_out), got, oracle)):
+        precision = _judged_at(g, dtype)
+        base, note = _err(baseline(precision)[i], o), ""
+        if not math.isfinite(base) and precision != torch.float32:
+            base = _err(baseline(torch.float32)[i], o) * torch.finfo(precision).eps / torch.finfo(torch.float32).eps
+            note = f"eager {str(precision).replace('torch.', '')} not finite: float32 yardstick x eps ratio"
+        ulp = torch.finfo(precision).eps * max(_largest([o]), 1e-3)
+        if precision != dtype:
+            note = note or "float32 output: judged at float32"
+        comparisons.append(Comparison(f"{case.op} {name}", _err(g, o), base, ulp, precision, i >= n_out, note,
+                                      log.ran(backend)))
+    return comparisons
+
+
+def measure(case: Case, backend: str, dtype: torch.dtype) -> list[Row]:
+    """The rows of `case` on `backend` in `dtype`: one per output tensor and per gradient."""
+    label = str(dtype).replace("torch.", "")
+    return [Row(c.name, backend, label, case.shape, c.error if c.ran else math.inf, c.tolerance(),
+                c.note if c.ran else f"no op ran on {backend}", c.gradient) for c in compare(case, backend, dtype)]
 
 
 def measure_oracle_against_torch(case: Case) -> Row:
@@ -144,18 +213,21 @@ def cases() -> list[Case]:
         Case("flash_attn_func causal gqa", "B2 Lq13 Lk17 H4/2 D40",
              lambda: dict(q=_randn(2, 13, 4, 40), k=_randn(2, 17, 2, 40), v=_randn(2, 17, 2, 40)),
              lambda q, k, v: mmkern.flash_attn_func(q, k, v, causal=True, return_lse=True),
-             cast=("q", "k", "v"), grad=("q", "k", "v"), ops=("attention_forward", "attention_backward")),
+             cast=("q", "k", "v"), grad=("q", "k", "v"), ops=("attention_forward", "attention_backward"),
+             outputs=("out", "lse")),
         Case("flash_attn_func window+softcap+alibi", "B2 L11 H3 D24",
              lambda: dict(q=_randn(2, 11, 3, 24), k=_randn(2, 11, 3, 24), v=_randn(2, 11, 3, 24),
                           slopes=torch.rand(3)),
              lambda q, k, v, slopes: mmkern.flash_attn_func(q, k, v, window_size=(4, 2), softcap=2.0,
                                                              alibi_slopes=slopes, return_lse=True),
-             cast=("q", "k", "v"), grad=("q", "k", "v"), ops=("attention_forward", "attention_backward")),
+             cast=("q", "k", "v"), grad=("q", "k", "v"), ops=("attention_forward", "attention_backward"),
+             outputs=("out", "lse")),
         Case("flash_attn_varlen_func causal", f"lens_q {lens_q} lens_k {lens_k} H2 D32",
              lambda: dict(q=_randn(sum(lens_q), 2, 32), k=_randn(sum(lens_k), 2, 32), v=_randn(sum(lens_k), 2, 32)),
              lambda q, k, v: mmkern.flash_attn_varlen_func(q, k, v, _cu(lens_q), _cu(lens_k), max(lens_q),
                                                             max(lens_k), causal=True, return_lse=True),
-             cast=("q", "k", "v"), grad=("q", "k", "v"), ops=("attention_forward", "attention_backward")),
+             cast=("q", "k", "v"), grad=("q", "k", "v"), ops=("attention_forward", "attention_backward"),
+             outputs=("out", "lse")),
         Case("flash_attn_with_kvcache decode", "B3 Lq1 cache 33 +1 H4/1 D64",
              lambda: dict(q=_randn(3, 1, 4, 64), k_cache=_randn(3, 33, 1, 64), v_cache=_randn(3, 33, 1, 64),
                           k=_randn(3, 1, 1, 64), v=_randn(3, 1, 1, 64)),
@@ -174,7 +246,12 @@ def cases() -> list[Case]:
              lambda x, r, w, b: mmkern.layer_norm_residual(x, r, w, b, prenorm=True),
              cast=("x", "r", "w", "b"), grad=("x", "r", "w", "b"),
              torch_impl=lambda x, r, w, b: (F.layer_norm(x + r, (100,), w, b), x + r),
-             ops=("norm_residual_forward", "norm_residual_backward")),
+             ops=("norm_residual_forward", "norm_residual_backward"), outputs=("out", "residual")),
+        Case("layer_norm_residual prenorm residual_in_fp32", "rows 7 N 96",
+             lambda: dict(x=_randn(7, 96), r=_randn(7, 96), w=_randn(96), b=_randn(96)),
+             lambda x, r, w, b: mmkern.layer_norm_residual(x, r.float(), w, b, prenorm=True, residual_in_fp32=True),
+             cast=("x", "w", "b"),                 # r: a float32 stream, full float32 values grad=("x", "r", "w", "b"),
+             ops=("norm_residual_forward", "norm_residual_backward"), outputs=("out", "residual")),
         Case("rms_norm_residual", "rows 5 N 77",
              lambda: dict(x=_randn(5, 77), r=_randn(5, 77), w=_randn(77)),
              lambda x, r, w: (mmkern.rms_norm_residual(x, r, w),),
@@ -207,18 +284,18 @@ def cases() -> list[Case]:
                  torch.cat([mo[:, :2], torch.tanh(mo[:, 2:])], 1), torch.tensor([1, 300, 999]), sample, ac,
                  noise=noise, variance_type="learned_range", thresholding=True, dynamic_thresholding_ratio=0.9,
                  sample_max_value=2.0),
-             cast=("mo", "sample", "noise"), ops=("ddpm_step",)),
+             cast=("mo", "sample", "noise"), ops=("ddpm_step",), outputs=("prev_sample", "pred_original_sample")),
         Case("diffusion.ddim_step eta=0.5 v clip", "B3 2x4x5",
              lambda: dict(mo=_randn(3, 2, 4, 5), sample=_randn(3, 2, 4, 5), noise=_randn(3, 2, 4, 5)),
              lambda mo, sample, noise: mmkern.diffusion.ddim_step(
                  mo, torch.tensor([19, 520, 999]), sample, ac, torch.tensor([-1, 500, 979]), eta=0.5, noise=noise,
                  prediction_type="v_prediction", clip_sample=True),
-             cast=("mo", "sample", "noise"), ops=("ddim_step",)),
+             cast=("mo", "sample", "noise"), ops=("ddim_step",), outputs=("prev_sample", "pred_original_sample")),
         Case("diffusion.euler_step churn", "B3 2x4x5",
              lambda: dict(mo=_randn(3, 2, 4, 5), sample=_randn(3, 2, 4, 5), noise=_randn(3, 2, 4, 5)),
              lambda mo, sample, noise: mmkern.diffusion.euler_step(
                  mo, torch.tensor([0, 4, 9]), sample, _sigmas, noise=noise, s_churn=2.0, s_tmax=10.0),
-             cast=("mo", "sample", "noise"), ops=("euler_step",)),
+             cast=("mo", "sample", "noise"), ops=("euler_step",), outputs=("prev_sample", "pred_original_sample")),
         Case("diffusion.euler_scale_model_input", "B3 2x4x5", lambda: dict(sample=_randn(3, 2, 4, 5)),
              lambda sample: (mmkern.diffusion.euler_scale_model_input(sample, torch.tensor([0, 4, 9]), _sigmas),),
              cast=("sample",), ops=("euler_scale_model_input",)),
@@ -317,11 +394,11 @@ def plan(requested: list[str] | None) -> tuple[list[str], list[str], dict[str, s
 
 
 def format_table(rows: list[Row]) -> str:
-    header = ("op", "backend", "dtype", "shape", "max error", "tolerance", "pass")
-    body = [(r.op, r.backend, r.dtype, r.shape, f"{r.error:.2e}", f"{r.tolerance:.2e}", "ok" if r.passed else "FAIL")
-            for r in rows]
+    header = ("op", "backend", "dtype", "shape", "max error", "tolerance", "pass", "bound")
+    body = [(r.op, r.backend, r.dtype, r.shape, f"{r.error:.2e}", f"{r.tolerance:.2e}", "ok" if r.passed else "FAIL",
+             r.note) for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
-    lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)) for line in (header, *body)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in (header, *body)]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 

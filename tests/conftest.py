@@ -31,21 +31,34 @@ def seed_drawn_after(manual_seed: int) -> int:
 def forced(backend: str):
     """mmkern.backend(backend) for a test parametrized over backends; a case the backend does not take
     (NoBackendError: e.g. the CUDA C++ attention takes fp16/bf16 with head dims 64/96/128 only) is skipped
-    with the backend's own reasons, not failed: the case still runs on every backend that takes it."""
+    with the backend's own reasons, not failed: the case still runs on every backend that takes it.
+    The block must run at least one op on `backend` (mmkern.dispatch_log, yielded): a test that names a
+    backend and runs none of its kernels is a test of nothing."""
     try:
-        with mmkern.backend(backend):
-            yield
+        with mmkern.backend(backend), mmkern.dispatch_log() as log:
+            yield log
     except mmkern.NoBackendError as exc:
         pytest.skip(f"backend {backend!r} does not take this case: {exc}")
+    assert log.ran(backend), f"no mmkern op ran on backend {backend!r} inside forced({backend!r}): {log.calls}"
 
 
-def assert_backend_matches_oracle(backend: str, case: "verify.Case", dtypes=DTYPES):
-    """flash-attn's criterion, through `mmkern verify`'s measure: error against the float64 oracle
-    <= 2 x the error of eager PyTorch in the same dtype + a tiny epsilon, for outputs and gradients."""
+def assert_backend_matches_oracle(backend: str, case: "verify.Case", dtypes=DTYPES, reduced_elements=None):
+    """flash-attn's criterion, through `mmkern verify`'s measure, for each output and each gradient on its own:
+    error against the float64 oracle (on the same rounded inputs) <= 2 x the error of eager PyTorch in the
+    same dtype + one ulp of the largest output; a row whose bound is not finite fails (Row.passed).
+
+    reduced_elements = n for a forward that sums n terms into one scalar (the diffusion loss): two correct fp32
+    summation orders differ by up to ~log2(n) ulps of the sum, and the eager baseline's own error can be near 0
+    by luck (it failed 1 run in ~150 at n = 420 with the plain criterion), so the tolerance of the forward's
+    outputs is multiplied by log2(n) there. Gradients keep the plain criterion."""
     for dtype in dtypes:
         for row in verify.measure(case, backend, dtype):
-            assert row.passed, f"{row.op} [{backend}, {row.dtype}, {row.shape}]: error {row.error:.3e} > " \
-                               f"tolerance {row.tolerance:.3e}"
+            allowed = row.tolerance
+            if reduced_elements and not row.gradient:
+                allowed *= max(1.0, math.log2(reduced_elements))
+            assert math.isfinite(allowed) and row.error <= allowed, (
+                f"{row.op} [{backend}, {row.dtype}, {row.shape}]: error {row.error:.3e} > tolerance {allowed:.3e} "
+                f"{row.note}")
 
 
 def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:

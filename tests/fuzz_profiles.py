@@ -9,14 +9,17 @@ Each run draws its examples from one seed, printed in the summary: fixed by defa
 MMKERN_FUZZ_SEED=<n> replays a run, MMKERN_FUZZ_SEED=random draws a fresh one.
 deadline=None: under the interpreter one example can take seconds.
 
-Every example is checked with flash-attn's criterion (mmkern.verify.measure: error against the
-float64 oracle <= 2 x eager PyTorch's error in the same dtype + one ulp of the largest output) on
-every backend that is usable here and takes the inputs. The counts (examples run, checks per
-backend, failures) are printed in pytest's terminal summary, so CI output shows them.
+Every example is checked with flash-attn's criterion (mmkern.verify.compare: each output tensor on its own,
+error against the float64 oracle on the same rounded inputs <= 2 x eager PyTorch's error in the same dtype +
+ULPS ulps of the largest oracle output) on every backend that is usable here and takes the inputs; every
+usable non-reference backend must check at least one example of each test (every_backend_checks). The
+counts (examples run, checks per backend, failures) are printed in pytest's terminal summary, so CI output
+shows them.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 from collections import Counter
@@ -27,7 +30,6 @@ from hypothesis import HealthCheck, seed, settings
 
 import mmkern
 from mmkern import dispatch, verify
-from mmkern.reference.precision import compute_in
 
 PROFILE = os.environ.get("MMKERN_FUZZ_PROFILE", "ci")
 # Default: a fixed seed (offset by MMKERN_TEST_SEED, as every test's inputs), so a CI run is reproducible
@@ -36,6 +38,9 @@ _SEED_SETTING = os.environ.get("MMKERN_FUZZ_SEED", "")
 SEED = (random.SystemRandom().randrange(2**32) if _SEED_SETTING == "random" else int(_SEED_SETTING) if _SEED_SETTING
         else (20261129 ^ int(os.environ.get("MMKERN_TEST_SEED", "0"))) % 2**32)
 GPU = PROFILE == "gpu"
+# Where the examples' tensors live: the GPU when there is one (the Triton and CUDA backends take CUDA tensors
+# only; the oracle runs there too), else the CPU (Triton through its interpreter).
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 _common = dict(deadline=None, print_blob=True, database=None,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
@@ -129,9 +134,11 @@ def takes(backend: str, op: str, device: torch.device, inputs: dict) -> bool:
 
 
 def _triton_attention_mask(seed, shape, dropout_p, device):
-    from mmkern.triton.attention import dropout_mask
+    # the independent numpy model of the kernels' Philox draws (tests/philox_model.py), not the kernels' own
+    # dropout_mask: the oracle then checks the mask the kernels use, not only that they use it consistently
+    from philox_model import attention_keep_mask
     B, H, Lq, Lk = shape
-    return dropout_mask(torch.tensor([seed], dtype=torch.int64), B, H, Lq, Lk, dropout_p, device)
+    return torch.from_numpy(attention_keep_mask(int(seed), B, H, Lq, Lk, dropout_p)).to(device)
 
 
 def _triton_norm_mask(seed, shape, dropout_p, device):
@@ -171,43 +178,47 @@ def oracle_draws_masks_of(backend: str, family: str):
 ULPS = 4   # the floor of the fuzz tolerance, in ulps of the largest oracle output (verify.measure uses 1)
 
 
-def measure(case: verify.Case, backend: str, dtype: torch.dtype) -> list[tuple[str, float, float, float]]:
-    """verify.measure's numbers: (name, error, baseline error, one ulp of the largest oracle output);
-    verify's tolerance is 2 x baseline + 1 ulp, the fuzz tolerance 2 x baseline + ULPS ulps. Why a wider floor when fuzzing: in float32 eager PyTorch is often within
+def check(test: str, case: verify.Case, backend: str, dtype: torch.dtype, family: str | None = None) -> None:
+    """flash-attn's criterion for one (case, backend, dtype), each output tensor on its own
+    (mmkern.verify.compare), with a wider floor: 2 x baseline + ULPS ulps of the largest oracle output, where
+    verify's tolerance has 1 ulp. Why a wider floor when fuzzing: in float32 eager PyTorch is often within
     an ulp of the oracle by luck of the draw, and a kernel summing in another order (exp2, blocked
     accumulation) lands 2-3 ulps away. Fuzzing samples that tail (~1 example in 15 at float32 with
-    1 ulp, checked over 30 draws of one varlen backward shape); a real bug is off by far more."""
-    inputs = case.make()
-    with mmkern.backend("reference"):
-        oracle = verify._execute(case, inputs, 0)
-        with compute_in(dtype):
-            baseline = verify._execute(case, verify._cast(case, inputs, dtype), 0)
-    with mmkern.backend(backend):
-        got = verify._execute(case, verify._cast(case, inputs, dtype), 0)
-    n_out = len(oracle) - len(case.grad)
-    rows = []
-    for label, part in (("fwd", slice(0, n_out)), ("bwd", slice(n_out, None))):
-        if part.start == len(oracle):
-            continue
-        error = max(verify._err(g, o) for g, o in zip(got[part], oracle[part]))
-        base = max(verify._err(b, o) for b, o in zip(baseline[part], oracle[part]))
-        ulp = torch.finfo(dtype).eps * max(verify._largest(oracle[part]), 1e-3)
-        rows.append((f"{case.op} {label}", error, base, ulp))
-    return rows
-
-
-def check(test: str, case: verify.Case, backend: str, dtype: torch.dtype, family: str | None = None) -> None:
-    """flash-attn's criterion (with the fuzz floor, see measure) for one (case, backend, dtype);
-    `family` ("attention" / "norm") set when dropout is on."""
+    1 ulp, checked over 30 draws of one varlen backward shape); a real bug is off by far more.
+    `family` ("attention" / "norm") is set when dropout is on."""
     with (oracle_draws_masks_of(backend, family) if family else contextlib.nullcontext()):
-        rows = measure(case, backend, dtype)
-    COUNTS[(test, f"checks[{backend}]")] += 1
-    for name, error, base, ulp in rows:
-        strict, tolerance = 2 * base + ulp, 2 * base + ULPS * ulp
-        if strict < error <= tolerance:
+        comparisons = verify.compare(case, backend, dtype)
+    # an example whose public function dispatched nothing (it returned early) checked no kernel of the backend
+    ran = all(c.ran for c in comparisons)
+    COUNTS[(test, f"checks[{backend}]" if ran else f"no op ran[{backend}]")] += 1
+    for c in comparisons:
+        strict, tolerance = c.tolerance(), c.tolerance(ULPS)
+        if strict < c.error <= tolerance:
             COUNTS[(test, "within the fuzz floor only")] += 1
-        assert error <= tolerance, (f"{name} [{backend}, {dtype}, {case.shape}]: error {error:.3e} > "
-                                    f"tolerance {tolerance:.3e} (strict {strict:.3e})")
+        assert math.isfinite(tolerance) and c.error <= tolerance, (
+            f"{c.name} [{backend}, {dtype}, {case.shape}]: error {c.error:.3e} > tolerance {tolerance:.3e} "
+            f"(strict {strict:.3e}) {c.note}")
+
+
+def every_backend_checks(tests: list[str], ops: tuple[str, ...], typical: dict):
+    """Decorator of a fuzz test (a hypothesis test drawing examples named `tests`): after its examples, every
+    usable non-reference backend that has `ops` and takes `typical` (a plain input of ops[0], as its
+    not_supported_reasons sees it) must have checked at least one of them. (The count of examples some backend
+    checked always held: the reference takes everything.) A narrow backend (the CUDA C++ attention: fp16/bf16,
+    head dims 64/96/128) that refuses the typical input is not required."""
+    def wrap(hypothesis_test):
+        def test():
+            before = Counter(COUNTS)
+            hypothesis_test()
+            required = [b for b in backends() if b != "reference"
+                        and all(op in dispatch.backends()[b].kernels for op in ops) and takes(b, ops[0], DEVICE, typical)]
+            missed = [b for b in required if not sum(COUNTS[(t, f"checks[{b}]")] - before[(t, f"checks[{b}]")]
+                                                     for t in tests)]
+            seen = {what: n - before[(t, what)] for (t, what), n in COUNTS.items() if t in tests}
+            assert not missed, f"{tests}: backends {missed} take the typical input but checked no example: {seen}"
+        test.__name__, test.__doc__ = hypothesis_test.__name__, hypothesis_test.__doc__
+        return test
+    return wrap
 
 
 def seeded(fn, seed: int):

@@ -31,10 +31,11 @@ def model(sample, t, channels_out=None, variance_type=None):
     return out
 
 
-# the drop-ins' loops run on Triton (its interpreter on a CPU) when it is usable, forced: no silent fallback.
-# These loops run on CPU tensors, which Triton takes only through its interpreter: on a GPU machine (where the
-# diffusers wheel is carried in) conftest.forced skips them with Triton's reasons instead of failing.
-BACKEND = "triton" if "triton" in mmkern.available_backends() else "reference"
+# The drop-ins' loops run on Triton (its interpreter on a CPU), forced: no fallback to another backend, and
+# conftest.forced fails the test if no op ran on Triton. These loops run on CPU tensors, which Triton takes only
+# through its interpreter: on a GPU machine (where the diffusers wheel is carried in) forced skips them with
+# Triton's reasons instead of failing.
+BACKEND = "triton"
 
 
 def run_loop(scheduler, latents, seed, step_kwargs=None, variance_type=None, euler=False):

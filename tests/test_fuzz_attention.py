@@ -31,7 +31,12 @@ def _summary(pytestconfig):
 
 
 def _randn(*shape):
-    return torch.randn(*shape, dtype=torch.float64)
+    return torch.randn(*shape, dtype=torch.float64, device=fz.DEVICE)
+
+
+# A plain input of the attention forward (fp32, head dim 8, dense, no features), for every_backend_checks
+TYPICAL = dict(q=torch.zeros(2, 9, 2, 8, device=fz.DEVICE), k=torch.zeros(2, 9, 2, 8, device=fz.DEVICE),
+               v=torch.zeros(2, 9, 2, 8, device=fz.DEVICE), alibi_slopes=None, attn_mask=None, dropout_p=0.0)
 
 
 @st.composite
@@ -50,10 +55,10 @@ def features(draw, allow_dropout=True):
 def _slopes(kind, B, H):
     if kind is None:
         return None
-    return torch.rand(H) if kind == "heads" else torch.rand(B, H)
+    return torch.rand(H, device=fz.DEVICE) if kind == "heads" else torch.rand(B, H, device=fz.DEVICE)
 
 
-def _run_backends(test, case, ops, inputs_for_reasons, dtype, dropout_p, device=torch.device("cpu")):
+def _run_backends(test, case, ops, inputs_for_reasons, dtype, dropout_p, device=fz.DEVICE):
     """Checks `case` on every backend that takes it; dropout only where the backend's mask is known."""
     checked = 0
     for backend in fz.backends():
@@ -68,6 +73,7 @@ def _run_backends(test, case, ops, inputs_for_reasons, dtype, dropout_p, device=
     assert checked, "no backend checked this example"
 
 
+@fz.every_backend_checks(["flash_attn_func"], ATTN_OPS, TYPICAL)
 @fuzz(ci=6, gpu=80)
 @given(data=st.data(), dtype=DTYPES, feats=features())
 def test_flash_attn_func_matches_oracle(data, dtype, feats):
@@ -94,16 +100,18 @@ def test_flash_attn_func_matches_oracle(data, dtype, feats):
 
         inputs = dict(q=_randn(B, Lq, H, D), k=_randn(B, Lk, H_kv, D), v=_randn(B, Lk, H_kv, D))
         case = verify.Case(test, shape, lambda: inputs, fz.seeded(run, 1234), cast=("q", "k", "v"),
-                           grad=("q", "k", "v"))
+                           grad=("q", "k", "v"), outputs=("out", "lse"))
         reasons_inputs = dict(q=inputs["q"].to(dtype), k=inputs["k"].to(dtype), v=inputs["v"].to(dtype),
                               alibi_slopes=slopes, attn_mask=None, dropout_p=feats["dropout_p"])
         _run_backends(test, case, ATTN_OPS, reasons_inputs, dtype, feats["dropout_p"])
 
 
 def _cu(lengths):
-    return torch.tensor([0, *torch.tensor(lengths, dtype=torch.long).cumsum(0).tolist()], dtype=torch.int32)
+    return torch.tensor([0, *torch.tensor(lengths, dtype=torch.long).cumsum(0).tolist()], dtype=torch.int32,
+                        device=fz.DEVICE)
 
 
+@fz.every_backend_checks(["flash_attn_varlen_func"], ATTN_OPS, TYPICAL)
 @fuzz(ci=5, gpu=80)
 @given(data=st.data(), dtype=DTYPES, feats=features())
 def test_flash_attn_varlen_func_matches_oracle(data, dtype, feats):
@@ -132,12 +140,13 @@ def test_flash_attn_varlen_func_matches_oracle(data, dtype, feats):
 
         inputs = dict(q=_randn(sum(lens_q), H, D), k=_randn(sum(lens_k), H_kv, D), v=_randn(sum(lens_k), H_kv, D))
         case = verify.Case(test, shape, lambda: inputs, fz.seeded(run, 99), cast=("q", "k", "v"),
-                           grad=("q", "k", "v"))
+                           grad=("q", "k", "v"), outputs=("out", "lse"))
         reasons_inputs = dict(q=inputs["q"].to(dtype), k=inputs["k"].to(dtype), v=inputs["v"].to(dtype),
                               alibi_slopes=slopes, attn_mask=None, dropout_p=feats["dropout_p"])
         _run_backends(test, case, ATTN_OPS, reasons_inputs, dtype, feats["dropout_p"])
 
 
+@fz.every_backend_checks(["flash_attn_with_kvcache"], ("attention_forward",), TYPICAL)
 @fuzz(ci=4, gpu=80)
 @given(data=st.data(), dtype=DTYPES, feats=features(allow_dropout=False))
 def test_flash_attn_with_kvcache_matches_oracle(data, dtype, feats):
@@ -153,7 +162,7 @@ def test_flash_attn_with_kvcache_matches_oracle(data, dtype, feats):
         D = data.draw(st.sampled_from(HEAD_DIMS), "head_dim")
         H = H_kv * group
         slopes = _slopes(feats["alibi"], B, H)
-        seqlens = torch.tensor(used, dtype=torch.int32)
+        seqlens = torch.tensor(used, dtype=torch.int32, device=fz.DEVICE)
         shape = f"B{B} Lq{Lq} cache {L_cache} used {used} +{L_new} H{H}/{H_kv} D{D} {feats}"
 
         def run(q, k_cache, v_cache, k, v):
@@ -165,12 +174,14 @@ def test_flash_attn_with_kvcache_matches_oracle(data, dtype, feats):
 
         inputs = dict(q=_randn(B, Lq, H, D), k_cache=_randn(B, L_cache, H_kv, D), v_cache=_randn(B, L_cache, H_kv, D),
                       k=_randn(B, L_new, H_kv, D), v=_randn(B, L_new, H_kv, D))
-        case = verify.Case(test, shape, lambda: inputs, run, cast=tuple(inputs))
+        case = verify.Case(test, shape, lambda: inputs, run, cast=tuple(inputs),
+                           outputs=("out", "lse", "k_cache", "v_cache"))
         reasons_inputs = dict(q=inputs["q"].to(dtype), k=inputs["k_cache"].to(dtype), v=inputs["v_cache"].to(dtype),
                               alibi_slopes=slopes, attn_mask=None, dropout_p=0.0)
         _run_backends(test, case, ("attention_forward",), reasons_inputs, dtype, 0.0)
 
 
+@fz.every_backend_checks(["scaled_dot_product_attention"], ATTN_OPS, TYPICAL)
 @fuzz(ci=5, gpu=80)
 @given(data=st.data(), dtype=DTYPES)
 def test_scaled_dot_product_attention_matches_oracle(data, dtype):
@@ -194,10 +205,12 @@ def test_scaled_dot_product_attention_matches_oracle(data, dtype):
         inputs = dict(q=_randn(B, H, Lq, D), k=_randn(B, H_kv, Lk, D), v=_randn(B, H_kv, Lk, D))
         cast, grad = ["q", "k", "v"], ["q", "k", "v"]
         if mask_kind == "bool":
-            inputs["mask"] = torch.rand(mask_shape) > data.draw(st.sampled_from([0.1, 0.5, 0.9]), "masked share")
+            share = data.draw(st.sampled_from([0.1, 0.5, 0.9]), "masked share")
+            inputs["mask"] = torch.rand(mask_shape, device=fz.DEVICE) > share
         elif mask_kind == "float":
             m = _randn(*mask_shape)
-            inputs["mask"] = m.masked_fill(torch.rand(mask_shape) < 0.3, float("-inf"))   # -inf: masked out
+            # -inf: masked out
+            inputs["mask"] = m.masked_fill(torch.rand(mask_shape, device=fz.DEVICE) < 0.3, float("-inf"))
             cast.append("mask"), grad.append("mask")
         shape = f"B{B} H{H}/{H_kv} Lq{Lq} Lk{Lk} D{D} mask {mask_kind} {mask_shape} p{dropout_p} {layout}"
 

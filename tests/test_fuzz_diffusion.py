@@ -17,6 +17,12 @@ from mmkern.diffusion import NoiseSchedule
 
 DTYPES = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
 PREDICTIONS = ["epsilon", "v_prediction", "sample"]
+# Plain inputs (fp32, (2, 3)) as the diffusion ops' not_supported_reasons see them, for every_backend_checks
+_x = torch.zeros(2, 3, device=fz.DEVICE)
+TYPICAL = dict(sample=_x)
+TYPICAL_LOSS = dict(model_output=_x, original_samples=_x, noise=_x, timesteps=torch.zeros(2, dtype=torch.long,
+                    device=fz.DEVICE), alphas_cumprod=torch.ones(10, device=fz.DEVICE), prediction_type="epsilon",
+                    snr_gamma=0.0)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -31,7 +37,7 @@ def schedules(draw):
     kind = draw(st.sampled_from(["linear", "scaled_linear", "squaredcos_cap_v2"]))
     zero_snr = draw(st.booleans()) if kind != "squaredcos_cap_v2" else False
     s = NoiseSchedule(T, beta_start=0.00085, beta_end=0.012, beta_schedule=kind, rescale_betas_zero_snr=zero_snr)
-    return s.alphas_cumprod.float(), f"{kind} T{T}{' zero-snr' if zero_snr else ''}"
+    return s.alphas_cumprod.float().to(fz.DEVICE), f"{kind} T{T}{' zero-snr' if zero_snr else ''}"
 
 
 @st.composite
@@ -46,13 +52,13 @@ def timesteps(T, B):
 
 
 def _randn(shape):
-    return torch.randn(shape, dtype=torch.float64)
+    return torch.randn(shape, dtype=torch.float64, device=fz.DEVICE)
 
 
 def _check_all(test, case, op, reasons_inputs, dtype):
     checked = 0
     for backend in fz.backends():
-        if not fz.takes(backend, op, torch.device("cpu"), reasons_inputs):
+        if not fz.takes(backend, op, fz.DEVICE, reasons_inputs):
             fz.COUNTS[(test, f"not taken[{backend}]")] += 1
             continue
         fz.check(test, case, backend, dtype)
@@ -60,6 +66,7 @@ def _check_all(test, case, op, reasons_inputs, dtype):
     assert checked, "no backend checked this example"
 
 
+@fz.every_backend_checks(["add_noise / get_velocity / diffusion_loss"], ("diffusion_loss", "add_noise"), TYPICAL_LOSS)
 @fuzz(ci=12, gpu=150)
 @given(data=st.data(), dtype=DTYPES, schedule=schedules(), shape=samples())
 def test_noise_mix_and_loss_match_oracle(data, dtype, schedule, shape):
@@ -68,7 +75,7 @@ def test_noise_mix_and_loss_match_oracle(data, dtype, schedule, shape):
     with fz.counted(test):
         ac, name = schedule
         T, B = ac.shape[0], shape[0]
-        t = torch.tensor(data.draw(timesteps(T, B), "timesteps"))
+        t = torch.tensor(data.draw(timesteps(T, B), "timesteps"), device=fz.DEVICE)
         if data.draw(st.booleans(), "one timestep for the batch"):
             t = t[0]
         prediction = data.draw(st.sampled_from(PREDICTIONS), "prediction_type")
@@ -82,7 +89,8 @@ def test_noise_mix_and_loss_match_oracle(data, dtype, schedule, shape):
                     mmkern.diffusion.add_noise(x0, noise, t, ac), mmkern.diffusion.get_velocity(x0, noise, t, ac))
 
         description = f"{name} {shape} t {t.tolist()} {prediction} snr_gamma {snr_gamma} {layout}"
-        case = verify.Case(test, description, lambda: inputs, run, cast=("mo", "x0", "noise"), grad=("mo",))
+        case = verify.Case(test, description, lambda: inputs, run, cast=("mo", "x0", "noise"), grad=("mo",),
+                           outputs=("loss", "add_noise", "get_velocity"))
         x = inputs["x0"].to(dtype)
         for op, reasons in (("diffusion_loss", dict(model_output=x, original_samples=x, noise=x, timesteps=t,
                                                     alphas_cumprod=ac, prediction_type=prediction,
@@ -90,6 +98,7 @@ def test_noise_mix_and_loss_match_oracle(data, dtype, schedule, shape):
             _check_all(test, case, op, reasons, dtype)
 
 
+@fz.every_backend_checks(["ddpm_step", "ddim_step"], ("ddpm_step", "ddim_step"), TYPICAL)
 @fuzz(ci=12, gpu=150)
 @given(data=st.data(), dtype=DTYPES, schedule=schedules(), shape=samples(),
        sampler=st.sampled_from(["ddpm", "ddim"]))
@@ -98,7 +107,7 @@ def test_ddpm_ddim_steps_match_oracle(data, dtype, schedule, shape, sampler):
     with fz.counted(test):
         ac, name = schedule
         T, B = ac.shape[0], shape[0]
-        t = torch.tensor(data.draw(timesteps(T, B), "timesteps"))
+        t = torch.tensor(data.draw(timesteps(T, B), "timesteps"), device=fz.DEVICE)
         prev = t - data.draw(st.integers(1, max(T // 2, 1)), "stride")      # < 0 at the end of the chain
         prediction = data.draw(st.sampled_from(PREDICTIONS), "prediction_type")
         clip = data.draw(st.booleans(), "clip_sample")
@@ -130,11 +139,13 @@ def test_ddpm_ddim_steps_match_oracle(data, dtype, schedule, shape, sampler):
             return mmkern.diffusion.ddim_step(mo, t, sample, ac, prev, noise=noise if use_noise else None, **kw)
 
         description = f"{name} {shape} t {t.tolist()} prev {prev.tolist()} noise {use_noise} {kw}"
-        case = verify.Case(test, description, lambda: inputs, run, cast=("mo", "sample", "noise"))
+        case = verify.Case(test, description, lambda: inputs, run, cast=("mo", "sample", "noise"),
+                           outputs=("prev_sample", "pred_original_sample"))
         x = inputs["sample"].to(dtype)
         _check_all(test, case, f"{sampler}_step", dict(sample=x), dtype)
 
 
+@fz.every_backend_checks(["euler_step / euler_scale_model_input / euler_add_noise"], ("euler_step",), TYPICAL)
 @fuzz(ci=10, gpu=150)
 @given(data=st.data(), dtype=DTYPES, shape=samples())
 def test_euler_ops_match_oracle(data, dtype, shape):
@@ -143,10 +154,10 @@ def test_euler_ops_match_oracle(data, dtype, shape):
     with fz.counted(test):
         N = data.draw(st.sampled_from([1, 2, 10, 50]), "steps")
         sigmas = torch.cat([torch.linspace(data.draw(st.sampled_from([1.0, 14.6, 80.0]), "sigma_max"), 0.03, N),
-                            torch.zeros(1)])
+                            torch.zeros(1)]).to(fz.DEVICE)
         B = shape[0]
         i = torch.tensor(data.draw(st.lists(st.one_of(st.sampled_from([0, N - 1]), st.integers(0, N - 1)),
-                                            min_size=B, max_size=B), "step_index"))
+                                            min_size=B, max_size=B), "step_index"), device=fz.DEVICE)
         prediction = data.draw(st.sampled_from(["epsilon", "v_prediction", "sample", "original_sample"]), "pred")
         churn = data.draw(st.sampled_from([0.0, 0.0, 1.0, 100.0]), "s_churn")
         s_tmax = data.draw(st.sampled_from([math.inf, 5.0]), "s_tmax")
@@ -159,5 +170,6 @@ def test_euler_ops_match_oracle(data, dtype, shape):
                     mmkern.diffusion.euler_add_noise(sample, noise, i, sigmas))
 
         description = f"{shape} sigmas {N}+1 i {i.tolist()} {prediction} churn {churn} s_tmax {s_tmax}"
-        case = verify.Case(test, description, lambda: inputs, run, cast=("mo", "sample", "noise"))
+        case = verify.Case(test, description, lambda: inputs, run, cast=("mo", "sample", "noise"),
+                           outputs=("prev_sample", "pred_original_sample", "scale_model_input", "add_noise"))
         _check_all(test, case, "euler_step", dict(sample=inputs["sample"].to(dtype)), dtype)

@@ -19,6 +19,9 @@ from mmkern import verify
 DTYPES = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
 HIDDEN = [1, 2, 7, 33, 100, 128, 257, 1000, 4096, 8193] if fz.GPU else [1, 2, 7, 33, 100, 128, 257, 1000]
 NORM_OPS = ("norm_residual_forward", "norm_residual_backward")
+# A plain input of the norm forward (fp32 rows of 64, no residual, weight or dropout), for every_backend_checks
+TYPICAL = dict(x=torch.zeros(4, 64, device=fz.DEVICE), residual=None, weight=None, bias=None, eps=1e-5, dropout_p=0.0,
+               dropout_seed=None, residual_in_fp32=False, is_rms_norm=False, shift=None, scale=None)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -26,6 +29,7 @@ def _summary(pytestconfig):
     fz.register_summary(pytestconfig)
 
 
+@fz.every_backend_checks(["rms_norm_residual", "layer_norm_residual"], NORM_OPS, TYPICAL)
 @fuzz(ci=12, gpu=200)
 @given(data=st.data(), dtype=DTYPES, rms=st.booleans())
 def test_norm_residual_matches_oracle(data, dtype, rms):
@@ -46,18 +50,18 @@ def test_norm_residual_matches_oracle(data, dtype, rms):
         shape = (*lead, N)
         B = lead[0] if lead else 0
 
-        inputs = dict(x=torch.randn(shape, dtype=torch.float64) + offset)
+        inputs = dict(x=torch.randn(shape, dtype=torch.float64, device=fz.DEVICE) + offset)
         cast, grad = ["x"], ["x"]
         for name, kind, like in (("residual", residual, shape), ("weight", weight, (N,)), ("bias", bias, (N,))):
             if kind is not None:
-                inputs[name] = torch.randn(like, dtype=torch.float64)
+                inputs[name] = torch.randn(like, dtype=torch.float64, device=fz.DEVICE)
                 grad.append(name)
                 if kind == "x":
                     cast.append(name)
         if modulation in ("both", "shift"):
-            inputs["shift"] = torch.randn(B, N, dtype=torch.float64)
+            inputs["shift"] = torch.randn(B, N, dtype=torch.float64, device=fz.DEVICE)
         if modulation in ("both", "scale"):
-            inputs["scale"] = torch.randn(B, N, dtype=torch.float64) * 0.5
+            inputs["scale"] = torch.randn(B, N, dtype=torch.float64, device=fz.DEVICE) * 0.5
         for name in ("shift", "scale"):
             if name in inputs:
                 cast.append(name), grad.append(name)
@@ -79,7 +83,8 @@ def test_norm_residual_matches_oracle(data, dtype, rms):
             return out if prenorm else (out,)
 
         residual_kind, weight_kind, bias_kind = residual, weight, bias
-        case = verify.Case(test, description, lambda: inputs, fz.seeded(run, 4321), cast=tuple(cast), grad=tuple(grad))
+        case = verify.Case(test, description, lambda: inputs, fz.seeded(run, 4321), cast=tuple(cast), grad=tuple(grad),
+                           outputs=("out", "residual"))
         x = inputs["x"].to(dtype).reshape(-1, N)
         reasons_inputs = dict(
             x=x, residual=None if residual is None else x.float() if residual == "fp32" else x,

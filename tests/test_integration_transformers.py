@@ -1,9 +1,11 @@
 """mmkern.integrations.transformers: BERT and GPT-2 patched by apply_mmkern against the unpatched models.
 
 Parity (same weights, float32 on CPU, every usable backend; bf16 on a GPU): the unpatched model in
-float64 is the oracle and the patched model must be within 2x the unpatched float32 model's error
-of it (mmkern/integrations/transformers_parity.py), for outputs at real positions, the loss and
-every parameter's gradient; greedy generation with the KV cache must give identical tokens.
+float64 (on the dtype's weights, upcast) is the oracle and the patched model must be within 2x the unpatched
+float32 model's error of it (mmkern/integrations/transformers_parity.py), for outputs at real positions, the
+loss and every parameter's gradient, each on its own; greedy generation with the KV cache must give identical
+tokens; and the ops must have run where the rows say (the "ran on" rows: attention on the backend itself
+wherever it has attention kernels that take the models' head dim 64, checked through mmkern.dispatch_log).
 """
 import copy
 
@@ -39,8 +41,19 @@ def test_reference_and_triton_are_covered():
 def test_bert_masked_lm_with_padding_and_token_types(backend):
     rows = tp.bert_parity(backend)
     assert {r.op.split(" ")[-1] for r in rows} >= {"hidden", "logits", "loss"}
-    assert any("grads (42 params)" in r.op for r in rows)
+    assert any("grads (42 params," in r.op for r in rows)
     assert_rows_pass(rows)
+    assert_attention_ran_on_the_backend_itself(backend, rows)
+
+
+def assert_attention_ran_on_the_backend_itself(backend, rows):
+    """Where `backend` has attention kernels, the tiny models' attention (head dim 64, float32) ran on them:
+    no row says "(attention on reference)" for triton, and the "ran on" rows (which passed) list it."""
+    ran = [r for r in rows if r.op.endswith(" ran on")]
+    assert ran, "no ran-on row"
+    if all(op in mmkern.dispatch.backends()[backend].kernels for op in tp.ATTENTION_OPS) and backend != "cuda":
+        assert tp.attention_backend(backend) == backend
+        assert all(f"attention_forward@{backend}" in r.shape for r in ran), [r.shape for r in ran]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -48,20 +61,27 @@ def test_gpt2_logits_loss_and_gradients_with_left_and_right_padding(backend):
     rows = tp.gpt2_parity(backend)
     assert any("grads" in r.op for r in rows)
     assert_rows_pass(rows)
+    assert_attention_ran_on_the_backend_itself(backend, rows)
 
 
 @pytest.mark.parametrize("left_padded", [False, True], ids=["unpadded", "left-padded"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gpt2_greedy_generate_with_kv_cache_gives_identical_tokens(backend, left_padded):
-    want, got = tp.generate_pair(backend, new_tokens=3, left_padded=left_padded)
+    log = mmkern.dispatch_log()
+    want, got = tp.generate_pair(backend, new_tokens=3, left_padded=left_padded, log=log)
     assert want.shape == got.shape == (3, 7 + 3)
     assert torch.equal(want, got)
+    assert tp.ran_on_row("generate", backend, torch.float32, log.calls).passed, sorted(set(log.calls))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 parity runs on a GPU")
 @pytest.mark.parametrize("backend", [b for b in ("triton", "cuda") if b in BACKENDS])
 def test_bf16_parity_on_gpu(backend):
-    assert_rows_pass(tp.bert_parity(backend, torch.bfloat16) + tp.gpt2_parity(backend, torch.bfloat16))
+    rows = tp.bert_parity(backend, torch.bfloat16) + tp.gpt2_parity(backend, torch.bfloat16)
+    assert_rows_pass(rows)
+    # bf16 at head dim 64: the CUDA C++ attention takes it, so every backend here runs attention itself
+    assert tp.attention_backend(backend, torch.bfloat16) == backend
+    assert all(f"attention_forward@{backend}" in r.shape for r in rows if r.op.endswith(" ran on"))
     want, got = tp.generate_pair(backend, torch.float32, new_tokens=4, left_padded=True)
     assert torch.equal(want, got)
 

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 import mmkern
-from mmkern import verify
 from mmkern.verify import Case
-from conftest import DTYPES, max_abs_err
+from conftest import DTYPES, assert_backend_matches_oracle, max_abs_err
 
 D = mmkern.diffusion
 T = 1000
@@ -35,19 +34,6 @@ def _ac(device, schedule="linear", table=torch.float32, **kw):
 
 def _t(values, device, dtype=torch.int64):
     return torch.tensor(values, device=device, dtype=dtype)
-
-
-def assert_matches_oracle(backend, case, reduced_elements=None):
-    """conftest's criterion (error <= 2 x eager's in the dtype + 1 ulp), the eager yardstick finite; a scalar
-    sum of n terms (the loss forward) gets log2(n) x the tolerance (see test_triton_diffusion_steps.py)."""
-    for dtype in DTYPES:
-        for row in verify.measure(case, backend, dtype):
-            assert math.isfinite(row.tolerance), f"{row.op} [{row.dtype}]: the eager baseline is not finite"
-            allowed = row.tolerance
-            if reduced_elements and not row.op.endswith(" bwd"):
-                allowed *= max(1.0, math.log2(reduced_elements))
-            assert row.error <= allowed, f"{row.op} [{backend}, {row.dtype}, {row.shape}]: error " \
-                                         f"{row.error:.3e} > tolerance {allowed:.3e}"
 
 
 def _randn(device, *shape):
@@ -78,7 +64,7 @@ def test_noise_ops_match_oracle(backend, op, shape, timesteps, table):
           "training_target_v": lambda x, n, t, ac: D.training_target(x, n, t, ac, "v_prediction")}[op]
     case = Case(op, str(shape), lambda: dict(x=_randn(device, *shape), n=_randn(device, *shape)),
                 lambda x, n: (fn(x, n, t, ac),), cast=("x", "n"))
-    assert_matches_oracle(backend, case)
+    assert_backend_matches_oracle(backend, case)
 
 
 def test_cpu_backend_runs_the_cpp_kernels_and_leaves_float64_to_the_reference():
@@ -121,7 +107,7 @@ def test_loss_and_gradient_match_oracle(backend, prediction_type, snr_gamma, sha
                 lambda: dict(mo=_randn(device, *shape), x0=_randn(device, *shape), n=_randn(device, *shape)),
                 lambda mo, x0, n: (D.diffusion_loss(mo, x0, n, t, ac, prediction_type, snr_gamma),),
                 cast=("mo", "x0", "n"), grad=("mo", "x0", "n"))
-    assert_matches_oracle(backend, case, reduced_elements=math.prod(shape))
+    assert_backend_matches_oracle(backend, case, reduced_elements=math.prod(shape))
 
 
 def test_loss_is_deterministic_whatever_the_thread_count():
@@ -181,7 +167,7 @@ def test_ddpm_step_matches_oracle(backend, prediction_type, variance_type, clip,
             mo = torch.cat([mo, v], 1)
         return D.ddpm_step(mo, t, s, ac, prev_timesteps=prev, noise=n, prediction_type=prediction_type,
                            variance_type=variance_type, **CLIP[clip])
-    assert_matches_oracle(backend, _step_case("ddpm_step", (4, 3, 5, 7), run, device))
+    assert_backend_matches_oracle(backend, _step_case("ddpm_step", (4, 3, 5, 7), run, device))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -196,7 +182,7 @@ def test_ddim_step_matches_oracle(backend, prediction_type, eta, clip, clipped):
     def run(mo, s, n):
         return D.ddim_step(mo, t, s, ac, prev, final_alpha_cumprod=ac[0].item(), eta=eta, noise=n,
                            prediction_type=prediction_type, use_clipped_model_output=clipped, **CLIP[clip])
-    assert_matches_oracle(backend, _step_case("ddim_step", (4, 2, 3, 11), run, device))
+    assert_backend_matches_oracle(backend, _step_case("ddim_step", (4, 2, 3, 11), run, device))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -209,10 +195,10 @@ def test_euler_step_and_scale_match_oracle(backend, prediction_type, churn):
 
     def run(mo, s, n):
         return D.euler_step(mo, i, s, sigmas, noise=n if churn else None, prediction_type=prediction_type, **churn)
-    assert_matches_oracle(backend, _step_case("euler_step", (3, 4, 9), run, device))
+    assert_backend_matches_oracle(backend, _step_case("euler_step", (3, 4, 9), run, device))
     scale = Case("euler_scale_model_input", "(3, 4, 9)", lambda: dict(s=_randn(device, 3, 4, 9)),
                  lambda s: (D.euler_scale_model_input(s, i, sigmas),), cast=("s",))
-    assert_matches_oracle(backend, scale)
+    assert_backend_matches_oracle(backend, scale)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -238,7 +224,7 @@ def test_steps_at_awkward_shapes_and_the_ends_of_the_schedule(backend, shape, ti
         "euler": lambda mo, s, n: D.euler_step(mo, i, s, sigmas, noise=n, s_churn=2.0, s_tmax=5.0),
     }
     for name, run in steps.items():
-        assert_matches_oracle(backend, _step_case(name, shape, run, device))
+        assert_backend_matches_oracle(backend, _step_case(name, shape, run, device))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -97,13 +97,20 @@ def forward(model, inputs: dict, dtype, device) -> torch.Tensor:
 
 
 def three_ways(make_model, dtype, device):
-    """(oracle, baseline, patched) copies of one random model: float64 CPU default processor, `dtype` default
-    processor, `dtype` MMKernAttnProcessor."""
-    oracle = make_model().double()
+    """(oracle, baseline, patched) copies of one random model: float64 CPU default processor (on the dtype's
+    weights, upcast: the oracle sees the same rounded values), `dtype` default processor, `dtype`
+    MMKernAttnProcessor."""
     # nn.Module.to, not ModelMixin.to: the latter warns about modules to keep in float32 (there are none here)
-    baseline = torch.nn.Module.to(copy.deepcopy(oracle), device=device, dtype=dtype)
+    baseline = torch.nn.Module.to(make_model().double(), device=device, dtype=dtype)
+    oracle = torch.nn.Module.to(copy.deepcopy(baseline), device="cpu", dtype=torch.float64)
     patched = apply_mmkern(copy.deepcopy(baseline))
     return oracle, baseline, patched
+
+
+def rounded(inputs: dict, dtype) -> dict:
+    """The inputs' floating tensors rounded to dtype and back to float64 (what the oracle gets)."""
+    return {k: v.to(dtype).double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+            for k, v in inputs.items()}
 
 
 def ddim_loop(model, scheduler, start: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, steps: int = 3):
@@ -124,8 +131,8 @@ def ddim_three_ways(dtype, device, backend: str, steps: int = 3):
     steps). PixArt, not the UNet: 4 attention layers instead of 8 keeps the interpreted Triton run short."""
     from mmkern.diffusion import DDIMScheduler as MMKernDDIM
     oracle_model, base_model, patched_model = three_ways(lambda: tiny_pixart(out_channels=4), dtype, device)
-    start = torch.randn(2, 4, 4, 4, dtype=torch.float64)
-    text, mask = text_inputs()
+    start = torch.randn(2, 4, 4, 4, dtype=torch.float64).to(dtype).double()   # rounded: the oracle's inputs too
+    text, mask = (t.to(dtype).double() if t.is_floating_point() else t for t in text_inputs())
     config = dict(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False, set_alpha_to_one=True)
 
     def run(model, scheduler, dt, dev):
@@ -186,7 +193,7 @@ def _parity_rows(backend: str) -> list[Row]:
             torch.manual_seed(0)
             oracle_model, base_model, patched_model = three_ways(make_model, dtype, device)
             inputs = make_inputs()
-            oracle = forward(oracle_model, inputs, torch.float64, "cpu")
+            oracle = forward(oracle_model, rounded(inputs, dtype), torch.float64, "cpu")
             baseline = forward(base_model, inputs, dtype, device)
             with mmkern.backend(backend):
                 patched = forward(patched_model, inputs, dtype, device)
