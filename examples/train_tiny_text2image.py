@@ -9,7 +9,9 @@ yellow) on a black canvas, with jittered position and size, captioned "a red squ
 captions). The model (mmkern.models.TinyText2Image: BERT-style text encoder, DiT denoiser with
 adaLN and cross-attention) runs every attention and norm on mmkern's ops, trains with
 mmkern.diffusion.add_noise / diffusion_loss and samples with DDIM (mmkern.diffusion.ddim_step) and
-classifier-free guidance. Writes samples.png (a row per caption) and loss.png (the loss curve).
+classifier-free guidance. Writes samples.png (a row per caption) and loss.png (the loss curve), and prints
+the colour accuracy of the samples (mmkern.models.text2image.colour_accuracy: each sample's foreground colour,
+classified to the nearest of the four, against its caption's; chance is 1/4).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from tqdm import tqdm
 
 import mmkern
 from mmkern.models import TinyText2Image
+from mmkern.models.text2image import colour_accuracy
 
 COLOURS = {"red": (1.0, 0.1, 0.1), "green": (0.1, 0.9, 0.1), "blue": (0.15, 0.3, 1.0), "yellow": (1.0, 0.9, 0.1)}
 SHAPES = ("square", "circle", "triangle")
@@ -169,6 +172,8 @@ def main(argv=None) -> dict:
     loss_path = os.path.join(args.out, "loss.png")
     data_path = os.path.join(args.out, "training_data.png")
     save_grid(rows, samples_path)
+    sampled_captions = [caption for caption, images in rows for _ in range(images.shape[0])]
+    accuracy = colour_accuracy(torch.cat([images for _, images in rows]), sampled_captions, COLOURS)
     save_loss_curve(losses, loss_path)
     examples = []
     for caption in CAPTIONS:                       # what the model was shown: the same grid layout
@@ -180,9 +185,12 @@ def main(argv=None) -> dict:
     save_grid(examples, data_path)
     print(f"trained {len(losses)} steps in {time.monotonic() - start:.0f} s; final loss (mean of last 50) "
           f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+    print(f"colour accuracy of the samples: {round(accuracy * len(sampled_captions))}/{len(sampled_captions)} = "
+          f"{accuracy:.2f} (chance 1/{len(COLOURS)} = {1 / len(COLOURS):.2f})")
     print(f"wrote {samples_path} (samples, a row per caption), {loss_path} (loss curve), "
           f"{data_path} (training examples)")
-    return {"samples": samples_path, "loss": loss_path, "data": data_path, "steps": len(losses)}
+    return {"samples": samples_path, "loss": loss_path, "data": data_path, "steps": len(losses),
+            "colour_accuracy": accuracy, "final_loss": sum(losses[-50:]) / len(losses[-50:])}
 
 
 if __name__ == "__main__":

@@ -189,6 +189,7 @@ class Problem:
     def __init__(self, q_lens, k_lens, H, H_kv, D, causal, seqused=None, seed=0):
         g = torch.Generator().manual_seed(seed)
         self.H, self.H_kv, self.D, self.causal, self.scale = H, H_kv, D, causal, 1 / math.sqrt(D)
+        self.has_seqused = seqused is not None
         self.seqs, self.want = [], []
         for b, (lq, lk) in enumerate(zip(q_lens, k_lens)):
             q, dout = (torch.randn(lq, H, D, generator=g).half().double() for _ in range(2))
@@ -339,17 +340,38 @@ def test_the_lane_model_of_the_kernels_gives_the_attention_gradients(cpp, name):
     prob = Problem(q_lens, k_lens, H, H_kv, D, causal, seqused)
     t = cpp["tiles"][D]
     for b, seq in enumerate(prob.seqs):
-        got = [np.full_like(w, np.nan) for w in prob.want[b]]
-        got[1][seq["k_len"]:] = 0          # keys past seqused_k: zeros from the host (never visited)
-        got[2][seq["k_len"]:] = 0
+        got = [np.full_like(w, np.nan) for w in prob.want[b]]      # poisoned: what no kernel writes stays NaN
         for kv_head in range(H_kv):
             for n_tile in range(-(-max(k_lens) // t["dkdv_n"])):
                 _dkdv_block(cpp, prob, b, kv_head, n_tile, got[1], got[2])
         for head in range(H):
             for m_tile in range(-(-max(q_lens) // t["dq_m"])):
                 _dq_block(cpp, prob, b, head, m_tile, got[0])
+        # keys past seqused_k: no kernel may write them (k_len is capped by seqused_k); their gradient, 0, comes from
+        # the host, which allocates dk/dv with at::zeros when seqused_k is given (test_the_host_zeroes_dk_dv_...)
+        for label, g in zip(("dk", "dv"), got[1:]):
+            assert np.isnan(g[seq["k_len"]:]).all(), f"{label} of sequence {b}: a kernel wrote keys past seqused_k"
+            if prob.has_seqused:
+                g[seq["k_len"]:] = 0.0
         for label, g, w in zip(("dq", "dk", "dv"), got, prob.want[b]):
             assert not np.isnan(g).any(), f"{label} of sequence {b}: elements never written"
             scale = max(np.abs(w).max() if w.size else 0.0, 1e-3)
             # P and dS enter the second products rounded to fp16 (as in the kernels): ~1e-3 relative
             assert np.abs(g - w).max(initial=0.0) <= 2e-3 * scale, f"{label} of sequence {b}"
+
+
+def test_the_host_zeroes_dk_dv_only_when_seqused_k_is_given():
+    """The kernels write dk/dv of keys < k_len only (k_len capped by seqused_k): the keys past seqused_k get their
+    zero gradient from the host's allocation, which the lane-model test applies after the kernels ran. Read from
+    attention_backward.cu, so that the model cannot keep zeros the host stopped giving (the values themselves:
+    tests/test_cuda_attention_backward.py, on a GPU)."""
+    source = (build.CSRC_DIR / "attention" / "attention_backward.cu").read_text()
+    for name in ("dq", "dk", "dv"):
+        allocations = [line.strip() for line in source.splitlines() if line.strip().startswith(f"at::Tensor {name} =")]
+        assert len(allocations) == 1, (name, allocations)
+        if name == "dq":
+            assert allocations[0] == "at::Tensor dq = at::empty(q.sizes(), q.options());", allocations
+        else:
+            src = "k" if name == "dk" else "v"
+            assert allocations[0] == (f"at::Tensor {name} = used.defined() ? at::zeros({src}.sizes(), {src}.options()) "
+                                      f": at::empty({src}.sizes(), {src}.options());"), allocations

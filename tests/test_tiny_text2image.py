@@ -1,5 +1,5 @@
 """The tiny text-to-image model: shapes, gradients, every attention and norm on mmkern's ops, sampling,
-and the example script end to end in a few steps."""
+and the example script end to end: trained briefly, its samples take the colours their captions name."""
 import importlib.util
 import os
 
@@ -8,6 +8,7 @@ import torch
 
 import mmkern
 from mmkern.models import DiTDenoiser, TextEncoder, TinyText2Image, WordTokenizer
+from mmkern.models.text2image import classify_colours, colour_accuracy
 
 CAPTIONS = ["a red square", "a blue circle", "a green triangle"]
 SMALL = dict(dim=32, depth=2, heads=2, text_dim=16, text_layers=1, num_train_timesteps=100)
@@ -120,21 +121,53 @@ def test_bad_input():
         TextEncoder(10, max_len=2)(torch.zeros(1, 3, dtype=torch.int64), torch.ones(1, 3, dtype=torch.bool))
 
 
-def test_example_runs_end_to_end(tmp_path, capsys):
-    Image = pytest.importorskip("PIL.Image")      # the example draws with Pillow and shows tqdm progress
+def _load_example():
+    pytest.importorskip("PIL.Image")      # the example draws with Pillow and shows tqdm progress
     pytest.importorskip("tqdm")
     spec = importlib.util.spec_from_file_location("train_tiny_text2image", EXAMPLE)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
+    return example
+
+
+def test_colour_accuracy_reads_the_colour_of_the_shape():
+    """The measure the learning test relies on: 1 on the training images themselves, 0 on blank canvases, and
+    each drawn colour classified as itself whatever the shape."""
+    example = _load_example()
+    images, captions = example.draw_shapes(48, generator=torch.Generator().manual_seed(0))
+    assert colour_accuracy(images, captions, example.COLOURS) == 1.0
+    assert colour_accuracy(torch.full_like(images, -1.0), captions, example.COLOURS) == 0.0
+    assert classify_colours(torch.full_like(images[:1], -1.0), example.COLOURS) == [None]
+    wrong = [captions[(i + 1) % len(captions)] for i in range(len(captions))]     # captions of other images
+    assert colour_accuracy(images, wrong, example.COLOURS) < 1.0
+    with pytest.raises(ValueError, match="2 images but 1 captions"):
+        colour_accuracy(images[:2], captions[:1], example.COLOURS)
+
+
+# 200 steps of the example's model (dim 96, depth 3, batch 32) with seed 0: ~40 s on one CPU thread (reference
+# backend). Measured colour accuracy 24/24 at 200 steps for seeds 0-3 (0.75 and rising at 100 steps); chance is 1/4.
+LEARN_STEPS, MIN_COLOUR_ACCURACY = 200, 0.75
+
+
+def test_example_learns_the_colours_of_its_captions(tmp_path, capsys):
+    """The example end to end, trained briefly with a fixed seed: its samples (2 per caption, 12 captions) have the
+    colours their captions name, well above chance (README: "it learns the colours ..."), and it writes its PNGs."""
+    Image = pytest.importorskip("PIL.Image")
+    example = _load_example()
     images, captions = example.draw_shapes(5)
     assert images.shape == (5, 3, 16, 16) and images.min() == -1 and len(captions) == 5
-    result = example.main(["--steps", "3", "--sample-steps", "2", "--samples-per-caption", "2", "--batch-size", "8",
-                           "--out", str(tmp_path)])
-    assert result["steps"] == 3
+    result = example.main(["--steps", str(LEARN_STEPS), "--seed", "0", "--sample-steps", "10",
+                           "--samples-per-caption", "2", "--batch-size", "32", "--out", str(tmp_path)])
+    assert result["steps"] == LEARN_STEPS
+    chance = 1 / len(example.COLOURS)
+    out = capsys.readouterr().out
+    assert result["colour_accuracy"] >= MIN_COLOUR_ACCURACY, (
+        f"colour accuracy {result['colour_accuracy']:.3f} of 24 samples after {LEARN_STEPS} steps (final loss "
+        f"{result['final_loss']:.4f}) < {MIN_COLOUR_ACCURACY} (chance {chance:.2f})\n{out}")
+    assert f"colour accuracy of the samples: {round(result['colour_accuracy'] * 24)}/24" in out, out
     for key in ("samples", "loss", "data"):
         with Image.open(result[key]) as img:
             assert img.format == "PNG" and img.width > 100 and img.height > 100
     with Image.open(result["samples"]) as img:        # a row per caption: 12 rows of 16 * 4 px + padding
         assert img.height >= 12 * 64
-    out = capsys.readouterr().out
     assert str(tmp_path) in out and "samples.png" in out and "loss.png" in out

@@ -11,6 +11,10 @@ Sampling: DDIM (eta = 0) over `steps` trailing timesteps T-1, T-1-T/steps, ..., 
     out = out("") + guidance * (out(caption) - out(""))         (out: the model's prediction)
 and each step one mmkern.diffusion.ddim_step (x_0 prediction clipped to [-1, 1], the image range).
 The noise schedule is mmkern.diffusion.NoiseSchedule (cosine by default: better than linear for small images).
+
+Whether samples follow their captions' colours (`colour_accuracy`): each image's foreground (pixels with a
+channel above mid-grey; the training canvases are black) is averaged to one RGB colour, classified to the nearest
+of the given colours, and compared with the colour word of its caption.
 """
 from __future__ import annotations
 
@@ -96,3 +100,38 @@ class TinyText2Image(nn.Module):
                                               prediction_type=self.prediction_type, clip_sample=True,
                                               clip_sample_range=1.0)
         return x.clamp(-1, 1)
+
+
+FOREGROUND = 0.5    # a pixel is foreground when one of its channels, in [0, 1], is above this (the canvas is black)
+
+
+def classify_colours(images: torch.Tensor, colours: dict[str, tuple[float, float, float]]) -> list[str | None]:
+    """Per image (B, 3, H, W) in [-1, 1]: the name of the colour in `colours` (RGB in [0, 1]) nearest to the mean
+    of its foreground pixels, or None when no pixel is foreground (no shape drawn)."""
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"classify_colours: images must be (batch, 3, H, W); got {tuple(images.shape)}")
+    names = list(colours)
+    palette = torch.tensor([colours[n] for n in names], dtype=torch.float32)              # (K, 3)
+    rgb = ((images.detach().float().cpu().clamp(-1, 1) + 1) / 2).flatten(2)              # (B, 3, H*W) in [0, 1]
+    fg = rgb.amax(1) > FOREGROUND                                                        # (B, H*W)
+    mean = (rgb * fg[:, None]).sum(-1) / fg.sum(-1, keepdim=True).clamp(min=1)           # (B, 3)
+    nearest = torch.cdist(mean, palette).argmin(-1)
+    return [names[k] if any_fg else None for k, any_fg in zip(nearest.tolist(), fg.any(-1).tolist())]
+
+
+def caption_colour(caption: str, colours: dict[str, tuple[float, float, float]]) -> str:
+    """The (first) colour word of `caption` among the keys of `colours`."""
+    found = [w for w in caption.lower().split() if w in colours]
+    if not found:
+        raise ValueError(f"caption_colour: {caption!r} names none of the colours {list(colours)}")
+    return found[0]
+
+
+def colour_accuracy(images: torch.Tensor, captions: list[str],
+                    colours: dict[str, tuple[float, float, float]]) -> float:
+    """The fraction of images (B, 3, H, W) whose foreground colour (classify_colours) is the colour their caption
+    names. Chance, for captions spread evenly over the colours, is 1 / len(colours)."""
+    if len(captions) != images.shape[0]:
+        raise ValueError(f"colour_accuracy: {images.shape[0]} images but {len(captions)} captions")
+    predicted = classify_colours(images, colours)
+    return sum(p == caption_colour(c, colours) for p, c in zip(predicted, captions)) / max(len(captions), 1)
