@@ -130,9 +130,10 @@ def rounded_inputs(case: Case, inputs: dict, dtype: torch.dtype) -> tuple[dict, 
     return low, {n: (t.double() if n in case.cast else t) for n, t in low.items()}
 
 
-def _judged_at(output: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
-    """The precision an output is judged at: d, or float32 for a float32 output of a half-precision call."""
-    if output.dtype == torch.float32 and dtype in (torch.float16, torch.bfloat16):
+def _judged_at(output_dtype: torch.dtype, dtype: torch.dtype) -> torch.dtype:
+    """The precision an output is judged at: d, or float32 for a float32 output of a half-precision call (the
+    output's dtype as the op defines it, the reference's: never the judged backend's own)."""
+    if output_dtype == torch.float32 and dtype in (torch.float16, torch.bfloat16):
         return torch.float32
     return dtype
 
@@ -160,7 +161,8 @@ def compare(case: Case, backend: str, dtype: torch.dtype) -> list[Comparison]:
     n_out = len(oracle) - len(case.grad)
     comparisons = []
     for i, (name, g, o) in enumerate(zip(case.output_names(n_out), got, oracle)):
-        precision = _judged_at(g, dtype)
+        promised = baseline(dtype)[i].dtype           # the dtype the op returns for these inputs (the reference's)
+        precision = _judged_at(promised, dtype)
         base, note = _err(baseline(precision)[i], o), ""
         if not math.isfinite(base) and precision != torch.float32:
             base = _err(baseline(torch.float32)[i], o) * torch.finfo(precision).eps / torch.finfo(torch.float32).eps
@@ -168,7 +170,10 @@ def compare(case: Case, backend: str, dtype: torch.dtype) -> list[Comparison]:
         ulp = torch.finfo(precision).eps * max(_largest([o]), 1e-3)
         if precision != dtype:
             note = note or "float32 output: judged at float32"
-        comparisons.append(Comparison(f"{case.op} {name}", _err(g, o), base, ulp, precision, i >= n_out, note,
+        error = _err(g, o)
+        if g.dtype != promised:       # e.g. a float32 residual stream returned in half: wrong whatever its values
+            error, note = math.inf, f"returned {g.dtype}, the op returns {promised}"
+        comparisons.append(Comparison(f"{case.op} {name}", error, base, ulp, precision, i >= n_out, note,
                                       log.ran(backend)))
     return comparisons
 

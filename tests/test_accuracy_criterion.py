@@ -5,7 +5,8 @@ call the criterion judges: low-precision inputs while the reference computes in 
 row fails, for the ways the criterion used to let such kernels pass:
 - one max over all outputs of a pass (an error in a small output hid behind a large output's yardstick);
 - the oracle on the unrounded float64 inputs (the input rounding inflated the yardstick);
-- a float32 output of a half-precision call (the fp32 residual stream) judged at half precision;
+- a float32 output of a half-precision call (the fp32 residual stream) judged at half precision, or at the
+  precision of whatever dtype the backend returned;
 - a tolerance of inf (eager half overflowed) counted as a pass;
 - fuzz suites satisfied by the reference alone; a test naming a backend that ran none of its ops.
 """
@@ -82,6 +83,22 @@ def test_a_float32_residual_stream_rounded_to_half_fails(dtype):
     rows = _rows(case, dtype)
     assert rows["out"].passed and not rows["residual"].passed, rows
     assert "judged at float32" in rows["residual"].note
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_float32_output_returned_in_half_fails(dtype):
+    """The precision an output is judged at comes from the op (the reference's output dtype), never from the
+    judged backend's: a stream returned in x's dtype is wrong, not judged at half precision."""
+    def run(x, r):
+        out, pre = mmkern.layer_norm_residual(x, r.float(), prenorm=True)
+        return out, (pre.to(x.dtype) if _judged_call(x) else pre)
+
+    case = verify.Case("fp32 stream", "6x40", lambda: dict(x=torch.randn(6, 40, dtype=torch.float64),
+                                                           r=torch.randn(6, 40, dtype=torch.float64)),
+                       run, cast=("x",), outputs=("out", "residual"))
+    rows = _rows(case, dtype)
+    assert rows["out"].passed and not rows["residual"].passed, rows
+    assert "the op returns torch.float32" in rows["residual"].note
 
 
 def test_a_bound_that_is_not_finite_fails():

@@ -192,8 +192,9 @@ def ran_on_row(name: str, backend: str, dtype, calls: list[tuple[str, str]]) -> 
     missing = [family for family, ops in (("attention", ATTENTION_OPS), ("norm", ("norm_residual_forward",)))
                if not any(op in ops for op, _ in ran)]
     label = ", ".join(f"{op}@{b}" for op, b in ran) or "nothing"
+    why = "; ".join([f"{op} ran on {b}" for op, b in wrong] + [f"no {family} op ran" for family in missing])
     return Row(f"{name} ran on", backend, str(dtype).replace("torch.", ""), label,
-               float(len(wrong) + len(missing)), 0.0, "ops on another backend (or none) than the row names")
+               float(len(wrong) + len(missing)), 0.0, why)
 
 
 def _rows(name: str, backend: str, dtype, shape: str, got: dict, base: dict, oracle: dict) -> list[Row]:
