@@ -67,6 +67,13 @@ def test_the_oracle_gets_the_rounded_inputs():
     assert row.tolerance <= torch.finfo(torch.bfloat16).eps * 4.5 + 1e-12      # |x| < 4.5 (randn, 64 draws)
 
 
+def _stream_case(run) -> verify.Case:
+    """x (6, 40) cast to the dtype under test, r a float32 residual stream; run(x, r) -> (out, pre)."""
+    return verify.Case("fp32 stream", "6x40", lambda: dict(x=torch.randn(6, 40, dtype=torch.float64),
+                                                           r=torch.randn(6, 40, dtype=torch.float64)),
+                       run, cast=("x",), outputs=("out", "residual"))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_a_float32_residual_stream_rounded_to_half_fails(dtype):
     """residual_in_fp32: the stream is float32 whatever x's dtype; a kernel that stores it in x's dtype and
@@ -77,10 +84,7 @@ def test_a_float32_residual_stream_rounded_to_half_fails(dtype):
             pre = pre.to(x.dtype).float()           # the mistake
         return out, pre
 
-    case = verify.Case("fp32 stream", "6x40", lambda: dict(x=torch.randn(6, 40, dtype=torch.float64),
-                                                           r=torch.randn(6, 40, dtype=torch.float64)),
-                       run, cast=("x",), outputs=("out", "residual"))
-    rows = _rows(case, dtype)
+    rows = _rows(_stream_case(run), dtype)
     assert rows["out"].passed and not rows["residual"].passed, rows
     assert "judged at float32" in rows["residual"].note
 
@@ -93,10 +97,7 @@ def test_a_float32_output_returned_in_half_fails(dtype):
         out, pre = mmkern.layer_norm_residual(x, r.float(), prenorm=True)
         return out, (pre.to(x.dtype) if _judged_call(x) else pre)
 
-    case = verify.Case("fp32 stream", "6x40", lambda: dict(x=torch.randn(6, 40, dtype=torch.float64),
-                                                           r=torch.randn(6, 40, dtype=torch.float64)),
-                       run, cast=("x",), outputs=("out", "residual"))
-    rows = _rows(case, dtype)
+    rows = _rows(_stream_case(run), dtype)
     assert rows["out"].passed and not rows["residual"].passed, rows
     assert "the op returns torch.float32" in rows["residual"].note
 
