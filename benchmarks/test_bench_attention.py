@@ -1,8 +1,12 @@
 """Attention, issue 3's benchmark: forward, backward and forward+backward TFLOP/s, and decode latency.
 
 Side by side in one run, same inputs per case (mmkern.bench.attention.IMPLS):
-    mmkern_cuda, mmkern_triton   mmkern.flash_attn_func forced onto each of mmkern's backends (mmkern_cuda: the
-                                 CUDA C++ kernels of mmkern._C, csrc/attention/; skipped without a GPU or a build)
+    mmkern_auto                  mmkern.flash_attn_func under auto dispatch (the never-slower rule: at least the
+                                 speed of the sdpa_* row a user would call instead)
+    mmkern_cuda, mmkern_triton, mmkern_torch
+                                 mmkern.flash_attn_func forced onto each of mmkern's backends (mmkern_cuda: the
+                                 CUDA C++ kernels of mmkern._C, csrc/attention/; skipped without a GPU or a build;
+                                 mmkern_torch: torch's CPU flash attention behind mmkern's op, CPU only)
     sdpa_flash, sdpa_cudnn, sdpa_efficient, sdpa_math
                                  torch's scaled_dot_product_attention under torch.nn.attention.sdpa_kernel
                                  with one backend each (a row is skipped with torch's reason when that
@@ -16,6 +20,7 @@ to 16k, causal and not. Decode: B=4 sequences of one new token, 32 query heads o
 against a filled cache of 4k to 64k tokens (memory-bound: GB/s of the cache read).
 MMKERN_BENCH_SIZES=quick keeps bf16, D=128, L in {1k, 4k, 16k}, 4k and 64k caches (gpu_check.sh).
 On a CPU: fp32, D=64, L in {64, 128}, two heads (a smoke test; mmkern_triton only under TRITON_INTERPRET=1).
+CPU sizes worth timing (not the smoke test): benchmarks/test_bench_cpu_attention.py.
 
 The issue's goal on an H200 (bf16, D=128, L >= 4k): mmkern_triton >= the best SDPA backend (cuDNN) in
 forward and in backward.

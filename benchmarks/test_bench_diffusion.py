@@ -1,8 +1,9 @@
 """Diffusion ops: mmkern's fused Triton kernels against what a diffusers user runs, side by side:
 
     device_copy     x.clone(): the copy bandwidth of this device, the roof for these memory-bound ops
-    mmkern_cuda, mmkern_triton
-                    mmkern.diffusion.* forced onto each of mmkern's backends
+    mmkern_cuda, mmkern_triton, mmkern_torch
+                    mmkern.diffusion.* forced onto each of mmkern's backends (mmkern_torch: torch's eager
+                    formulas behind mmkern's op, the per-call cost of the op layer on torch's arithmetic)
     diffusers_eager diffusers' own scheduler methods when diffusers is installed, else the same code
                     written out here (diffusers' arithmetic, timestep given as a Python int)
     torch_compile   the written-out eager code under torch.compile (inductor)
@@ -32,7 +33,7 @@ SHAPES = [(64, 4, 128, 128), (16, 16, 256, 256)] if ON_GPU else [(2, 4, 16, 16)]
 if ON_GPU and QUICK:
     SHAPES = [(16, 16, 256, 256)]
 DTYPES = [torch.bfloat16, torch.float32] if ON_GPU else [torch.float32]
-IMPLS = ["device_copy", "mmkern_cuda", "mmkern_triton", "diffusers_eager", "torch_compile"]
+IMPLS = ["device_copy", "mmkern_cuda", "mmkern_triton", "mmkern_torch", "diffusers_eager", "torch_compile"]
 OPS = {"add_noise": 3, "loss_fwd_bwd": 5, "ddpm_step": 5, "ddim_step": 4, "euler_step": 4}
 T_STEP, PREV_STEP = 501, 481          # a DDIM/DDPM step of a 50-step schedule
 GAMMA = 5.0

@@ -14,9 +14,10 @@ lists those usable here.
 from mmkern._version import __version__
 from mmkern import backends as _backends  # noqa: F401  (registers the backends)
 from mmkern import reference as _reference  # noqa: F401  (registers the reference kernels)
+from mmkern import torch_backend as _torch_backend  # noqa: F401  (registers torch's own kernels, lazily)
 from mmkern import triton as _triton  # noqa: F401  (registers the Triton kernels, lazily)
 from mmkern import native as _native  # noqa: F401  (registers the C++/CUDA kernels of mmkern._C, lazily)
-from mmkern.dispatch import NoBackendError, available_backends, backend, dispatch_log
+from mmkern.dispatch import NoBackendError, available_backends, backend, dispatch_log, explain
 from mmkern.attention import (flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache,
                               scaled_dot_product_attention)
 from mmkern.norm import layer_norm_residual, rms_norm_residual
@@ -24,7 +25,7 @@ from mmkern import diffusion
 from mmkern import nn
 
 __all__ = [
-    "__version__", "NoBackendError", "available_backends", "backend", "dispatch_log", "diffusion", "nn",
+    "__version__", "NoBackendError", "available_backends", "backend", "dispatch_log", "explain", "diffusion", "nn",
     "flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache", "scaled_dot_product_attention",
     "layer_norm_residual", "rms_norm_residual",
 ]

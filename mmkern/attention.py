@@ -1,8 +1,12 @@
 """Public attention functions: flash-attn's API and a drop-in for torch's scaled_dot_product_attention.
 
-Each one normalises its arguments (default scale, window, dropout seed, layouts), then calls the
-torch ops of mmkern/ops/attention.py, which validate, dispatch to a backend and carry autograd.
+Each one only normalises its arguments (default scale, the window pair, the dropout seed, layouts, cache
+lengths), then calls the torch ops of mmkern/ops/attention.py by keyword (`ops.attention(...)`); the op
+builds the problem record, validates it once, dispatches it to a backend and carries autograd.
 Nothing here reads tensor data, so every function traces under torch.compile(fullgraph=True).
+
+The numerics contract of every function (mmkern/ops/attention_problem.py): a query that sees no key gives
+out 0 and lse -inf; a NaN score gives NaN; a +inf score gives NaN out and lse +inf.
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import torch
 
 from mmkern.ops import attention as ops
 from mmkern.ops import _eager as eager
-from mmkern.ops._checks import FLOAT_DTYPES, check_dropout_p, check_tensor, last_dim_contiguous
+from mmkern.ops._checks import FLOAT_DTYPES, check_tensor, last_dim_contiguous
 from mmkern.ops._rng import draw_seed
 
 
@@ -41,63 +45,104 @@ def _softcap(fn: str, softcap) -> float:
     return float(softcap)
 
 
-def _common(fn, q, k, v, dropout_p, softmax_scale, window_size, softcap, alibi_slopes):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(fn, name, t, dtypes=FLOAT_DTYPES)
-    check_dropout_p(fn, dropout_p)
+def _tensors(fn: str, **tensors) -> None:
+    """The layouts are normalised (transposed, made last-dim contiguous) here, so these must be tensors; dtypes,
+    shapes and everything else are the op's to check (mmkern/ops/attention_problem.py)."""
+    for name, t in tensors.items():
+        check_tensor(fn, name, t)
+
+
+def _dropout(dropout_p):
+    """(dropout_p as a float, the seed tensor the kernels draw their mask from, or None); the op checks the range."""
+    if isinstance(dropout_p, (int, float)) and not isinstance(dropout_p, bool):
+        dropout_p = float(dropout_p)
+        return dropout_p, (draw_seed() if dropout_p > 0 else None)
+    return dropout_p, None
+
+
+def _prepared(fn, q, k, v, dropout_p, softmax_scale, window_size, softcap, alibi_slopes) -> dict:
+    """The op's keyword arguments shared by the flash-attn functions."""
+    _tensors(fn, q=q, k=k, v=v)
     left, right = _window(fn, window_size)
-    softcap = _softcap(fn, softcap)
     q, k, v, alibi_slopes = (last_dim_contiguous(t) for t in (q, k, v, alibi_slopes))
-    seed = draw_seed() if dropout_p > 0 else None
-    return q, k, v, float(dropout_p), _scale(fn, softmax_scale, q), left, right, softcap, alibi_slopes, seed
+    dropout_p, seed = _dropout(dropout_p)
+    return dict(q=q, k=k, v=v, dropout_p=dropout_p, softmax_scale=_scale(fn, softmax_scale, q), window_left=left,
+                window_right=right, softcap=_softcap(fn, softcap), alibi_slopes=alibi_slopes, dropout_seed=seed)
+
+
+_FEATURES_DOC = """
+    dropout_p: float in [0, 1), the probability of dropping each attention weight (training only; the mask
+        is drawn from torch's generator, so torch.manual_seed reproduces it).
+    softmax_scale: float, the scale of q . k; None = 1 / sqrt(head_dim).
+    causal: bool, a query sees only keys at or before its own position; with Lq != Lk the last query is
+        aligned with the last key (bottom-right, flash-attn >= 2.1).
+    window_size: (left, right) ints, -1 = unbounded: a query at aligned position i sees keys i - left .. i + right
+        (sliding-window / local attention; causal sets right = 0).
+    softcap: float >= 0, 0 = off: scores become softcap * tanh(scores / softcap) (Gemma 2, Grok).
+    alibi_slopes: (H,) or (B, H) float32, or None: adds -slope * |i + Lk - Lq - j| to the score of query i, key j.
+    deterministic: bool, ask for a backward that is bitwise identical run to run (every mmkern backward is).
+    return_lse: bool, also return lse, the natural log-sum-exp of each query's scores, float32."""
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                     alibi_slopes=None, deterministic=False, return_lse=False):
-    """Exact attention on (batch, seqlen, heads, head_dim) tensors, as flash_attn.flash_attn_func.
-
-    q (B, Lq, H, D); k, v (B, Lk, H_kv, D) with H_kv dividing H (MQA/GQA). `causal` and `window_size`
-    align the last query with the last key when Lq != Lk (bottom-right, flash-attn >= 2.1).
-    `alibi_slopes` (H,) or (B, H) float32. Returns out (B, Lq, H, D), and with return_lse=True also
-    lse (B, H, Lq) float32 (natural log, -inf where a query sees no key).
-    """
     fn = "mmkern.flash_attn_func"
-    q, k, v, dropout_p, scale, left, right, softcap, alibi_slopes, seed = _common(
-        fn, q, k, v, dropout_p, softmax_scale, window_size, softcap, alibi_slopes)
-    out, lse = eager.call(ops.attention_forward, q, k, v, None, None, None, 0, 0, scale, bool(causal), True, left,
-                          right, softcap, alibi_slopes, None, dropout_p, seed, bool(deterministic))
+    arguments = _prepared(fn, q, k, v, dropout_p, softmax_scale, window_size, softcap, alibi_slopes)
+    out, lse = ops.attention(**arguments, causal=bool(causal), deterministic=bool(deterministic))
     return (out, lse) if return_lse else out
+
+
+flash_attn_func.__doc__ = """Exact attention on (batch, seqlen, heads, head_dim) tensors, as flash_attn.flash_attn_func.
+
+    q: (B, Lq, H, D) float16, bfloat16, float32 (float64 runs on the reference); D in 1..256.
+    k, v: (B, Lk, H_kv, D), same dtype, H_kv dividing H (MQA/GQA: query head h reads k/v head h // (H / H_kv)).""" \
+    + _FEATURES_DOC + """
+
+    Returns out (B, Lq, H, D) like q; with return_lse=True also lse (B, H, Lq) float32 (-inf where a query
+    sees no key). Differentiable in q, k, v.
+    """
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                            deterministic=False, return_lse=False):
-    """Attention over a packed batch of variable-length sequences, as flash_attn.flash_attn_varlen_func.
-
-    q (total_q, H, D), k/v (total_k, H_kv, D); sequence b holds rows cu_seqlens_q[b]:cu_seqlens_q[b+1]
-    (int32, (B + 1,), starting at 0). Sequences of length 0 are allowed. Returns out (total_q, H, D),
-    and with return_lse=True also lse (H, total_q) float32.
-    """
     fn = "mmkern.flash_attn_varlen_func"
-    q, k, v, dropout_p, scale, left, right, softcap, alibi_slopes, seed = _common(
-        fn, q, k, v, dropout_p, softmax_scale, window_size, softcap, alibi_slopes)
-    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-        check_tensor(fn, name, cu, dtypes=(torch.int32, torch.int64), ndim=1)
-    out, lse = eager.call(ops.attention_forward, q, k, v, cu_seqlens_q, cu_seqlens_k, None, max_seqlen_q,
-                          max_seqlen_k, scale, bool(causal), True, left, right, softcap, alibi_slopes, None, dropout_p,
-                          seed, bool(deterministic))
+    arguments = _prepared(fn, q, k, v, dropout_p, softmax_scale, window_size, softcap, alibi_slopes)
+    out, lse = ops.attention(**arguments, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                             max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, causal=bool(causal),
+                             deterministic=bool(deterministic))
     return (out, lse) if return_lse else out
+
+
+flash_attn_varlen_func.__doc__ = """Attention over a packed batch of variable-length sequences, as flash_attn.flash_attn_varlen_func.
+
+    q: (total_q, H, D), the B sequences' queries one after another; k, v: (total_k, H_kv, D).
+    cu_seqlens_q, cu_seqlens_k: (B + 1,) int32 offsets starting at 0: sequence b holds rows
+        cu_seqlens_q[b] : cu_seqlens_q[b + 1]; sequences of length 0 are allowed.
+    max_seqlen_q, max_seqlen_k: int >= the longest sequence (as flash-attn: sizes the launch grid).
+    Causal alignment, window and ALiBi positions are per sequence.""" + _FEATURES_DOC + """
+
+    Returns out (total_q, H, D) like q; with return_lse=True also lse (H, total_q) float32.
+    """
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, softmax_scale=None, causal=False,
                             window_size=(-1, -1), softcap=0.0, alibi_slopes=None, return_lse=False):
     """Decoding / chunked prefill against a preallocated KV cache, as flash_attn.flash_attn_with_kvcache.
 
-    q (B, Lq, H, D); k_cache, v_cache (B, L_cache, H_kv, D). If k, v (B, L_new, H_kv, D) are given they
-    are written into the cache in place at positions cache_seqlens[b] .. cache_seqlens[b] + L_new - 1;
-    then q attends to the first cache_seqlens[b] + L_new keys of sequence b (causal: bottom-right, so
-    the last query sees every key). cache_seqlens: int or (B,) int32; None means the cache is full.
-    Inference only (no gradient).
+    q: (B, Lq, H, D), the new queries (Lq = 1 for one decode step).
+    k_cache, v_cache: (B, L_cache, H_kv, D), updated in place (their last dimension must be contiguous).
+    k, v: (B, L_new, H_kv, D) or None: new keys/values, written into the caches at positions
+        cache_seqlens[b] .. cache_seqlens[b] + L_new - 1 before attending.
+    cache_seqlens: int, (B,) int32/int64, or None (the caches are full): the number of valid entries of each
+        sequence's cache before the append. q then attends to the first cache_seqlens[b] + L_new keys.
+    softmax_scale: float, None = 1 / sqrt(D).
+    causal: bool, bottom-right aligned: the last query sees every valid key, query i sees keys up to
+        cache_seqlens[b] + L_new - Lq + i.
+    window_size: (left, right), -1 = unbounded, aligned the same way. softcap: float >= 0, 0 = off.
+    alibi_slopes: (H,) or (B, H) float32 or None. return_lse: also return lse (B, H, Lq) float32.
+
+    Returns out (B, Lq, H, D) like q (and lse). Inference only (no gradient).
     """
     fn = "mmkern.flash_attn_with_kvcache"
     check_tensor(fn, "q", q, dtypes=FLOAT_DTYPES, ndim=4)
@@ -117,9 +162,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
     else:
         check_tensor(fn, "cache_seqlens", cache_seqlens, dtypes=(torch.int32, torch.int64), ndim=1)
     left, right = _window(fn, window_size)
-    softcap = _softcap(fn, softcap)
     q, alibi_slopes = last_dim_contiguous(q), last_dim_contiguous(alibi_slopes)
-    scale = _scale(fn, softmax_scale, q)
     seqused_k = cache_seqlens
     if k is not None:
         for name, t in (("k", k), ("v", v)):
@@ -130,8 +173,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
                                  f"dtype {k_cache.dtype} like the cache; got {tuple(t.shape)} {t.dtype}")
         eager.call(ops.kvcache_append, k_cache, v_cache, last_dim_contiguous(k), last_dim_contiguous(v), cache_seqlens)
         seqused_k = cache_seqlens + k.shape[1]
-    out, lse = eager.call(ops.attention_forward, q, k_cache, v_cache, None, None, seqused_k, 0, 0, scale,
-                          bool(causal), True, left, right, softcap, alibi_slopes, None, 0.0, None, False)
+    out, lse = ops.attention(q, k_cache, v_cache, seqused_k=seqused_k, softmax_scale=_scale(fn, softmax_scale, q),
+                             causal=bool(causal), window_left=left, window_right=right, softcap=_softcap(fn, softcap),
+                             alibi_slopes=alibi_slopes)
     return (out, lse) if return_lse else out
 
 
@@ -139,15 +183,18 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                                  enable_gqa=False):
     """Drop-in for torch.nn.functional.scaled_dot_product_attention, with torch's layout and semantics.
 
-    query (B, H, Lq, D), key/value (B, H_kv, Lk, D) (H_kv != H only with enable_gqa=True).
-    attn_mask: bool (True = take part) or float (added to the scores), broadcastable to
-    (B, H, Lq, Lk); a float mask that requires grad gets its gradient. is_causal uses torch's
-    top-left alignment. Rows that see no key give 0 (torch's math backend gives NaN).
+    query: (B, H, Lq, D); key, value: (B, H_kv, Lk, D) (H_kv != H only with enable_gqa=True, H_kv dividing H).
+    attn_mask: bool (True = take part) or float in query's dtype (added to the scores), broadcastable to
+        (B, H, Lq, Lk), or None; a float mask that requires grad gets its gradient.
+    dropout_p: float in [0, 1), as torch (the mask comes from torch's generator, mmkern's Philox stream).
+    is_causal: bool, torch's top-left alignment when Lq != Lk; not together with attn_mask.
+    scale: float, None = 1 / sqrt(D). enable_gqa: bool, allow H_kv != H.
+
+    Returns (B, H, Lq, D) like query. Rows that see no key give 0 (torch's math backend gives NaN).
     """
     fn = "mmkern.scaled_dot_product_attention"
     for name, t in (("query", query), ("key", key), ("value", value)):
-        check_tensor(fn, name, t, dtypes=FLOAT_DTYPES, ndim=4)
-    check_dropout_p(fn, dropout_p)
+        check_tensor(fn, name, t, ndim=4)
     H, H_kv = query.shape[1], key.shape[1]
     if H != H_kv and not enable_gqa:
         raise ValueError(f"{fn}: query has {H} heads and key {H_kv}; different head counts need enable_gqa=True")
@@ -164,8 +211,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             raise ValueError(f"{fn}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
                              f"(batch, heads, seqlen_q, seqlen_k) = {(B, H, Lq, Lk)}") from None
     q, k, v = (last_dim_contiguous(t.transpose(1, 2)) for t in (query, key, value))
-    softmax_scale = _scale(fn, scale, q)
-    seed = draw_seed() if dropout_p > 0 else None
-    out, _ = eager.call(ops.attention_forward, q, k, v, None, None, None, 0, 0, softmax_scale, bool(is_causal), False,
-                        -1, -1, 0.0, None, attn_mask, float(dropout_p), seed, False)
+    dropout_p, seed = _dropout(dropout_p)
+    out, _ = ops.attention(q, k, v, softmax_scale=_scale(fn, scale, q), causal=bool(is_causal),
+                           causal_bottom_right=False, attn_mask=attn_mask, dropout_p=dropout_p, dropout_seed=seed)
     return out.transpose(1, 2)

@@ -1,7 +1,7 @@
-"""The four backends and what each needs from the machine.
+"""The five backends and what each needs from the machine.
 
-Kernels are registered by the backend packages themselves (mmkern/reference, mmkern/triton, and
-mmkern/native for the compiled extension mmkern._C); this file only says whether each backend can
+Kernels are registered by the backend packages themselves (mmkern/reference, mmkern/torch_backend,
+mmkern/triton, and mmkern/native for the compiled extension mmkern._C); this file only says whether each backend can
 run here, and on which devices.
 """
 from __future__ import annotations
@@ -62,6 +62,9 @@ def _only(device_type: str):
 
 register_backend(Backend("reference", "eager PyTorch in float64: the oracle, every op and feature, slow, "
                          "materialises the full score matrix", lambda: [], lambda device: None))
+register_backend(Backend("torch", "torch's own kernels in the input dtype (SDPA, F.layer_norm / F.rms_norm, the "
+                         "eager diffusion formulas): what a user would call without mmkern; the floor auto dispatch "
+                         "never goes below", lambda: [], lambda device: None))
 register_backend(Backend("triton", "Triton kernels (GPU, or CPU through the interpreter)",
                          _triton_environment_reasons, _triton_device_reason))
 register_backend(Backend("cuda", "CUDA C++ kernels of mmkern._C", _cuda_environment_reasons, _only("cuda")))

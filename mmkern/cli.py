@@ -58,7 +58,7 @@ def info() -> int:
 
 # subcommand -> (module defining add_arguments(parser) and main(args), one-line help)
 COMMANDS = {
-    "build": ("mmkern.build", "compile the C++/CUDA extension mmkern._C (CPU kernels always, CUDA ones when possible)"),
+    "build": ("mmkern.build.command", "compile the C++/CUDA extension mmkern._C (CPU kernels always, CUDA ones when possible)"),
     "bench": ("mmkern.bench.cli", "run a quick benchmark selection and print a table"),
     "report": ("mmkern.bench.report", "turn saved pytest-benchmark JSON into a Markdown table and PNG plots"),
     "aot-report": ("mmkern.triton.aot_report", "per Triton kernel configuration: shared memory, registers, spills, wgmma"),

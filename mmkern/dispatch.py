@@ -1,43 +1,63 @@
 """Backend registry and dispatch.
 
-Every torch op of mmkern (see mmkern/ops/) hands its work to `call(op, device, **inputs)`.
-A *backend* is a family of kernels (``reference``, ``triton``, ``cuda``, ``cpu``); for each op
-it implements, it registers a *kernel*: the function that runs it and a function that lists
-the reasons it cannot take given inputs (xformers' ``not_supported_reasons``).
+Every torch op of mmkern (see mmkern/ops/) builds one *problem record* from its flat schema arguments
+(a frozen dataclass, validated once: `AttentionProblem`, `NormProblem`, ...) and hands it to
+`call(op, problem)`. A *backend* is a family of kernels (``cuda``, ``triton``, ``cpu``, ``torch``,
+``reference``); for each op it implements it registers a *kernel*: ``run(problem)`` and
+``reasons(problem) -> list[str]``, the reasons it cannot take this problem (xformers'
+``not_supported_reasons``; ``[]`` = it can).
 
 Selection:
-- ``auto`` (the default) walks ``PRIORITY`` and takes the first backend with no reasons;
-- a forced backend (``with mmkern.backend("triton"):`` or ``MMKERN_BACKEND=triton``) is taken
-  if it has no reasons, otherwise ``NoBackendError`` lists them;
+- ``auto`` (the default) walks the problem's order (``auto_order``: ``PRIORITY``, reordered by the
+  input-aware ``RULES`` below) and takes the first backend with no reasons;
+- a forced backend (``with mmkern.backend("triton"):`` or ``MMKERN_BACKEND=triton``) is taken if it has
+  no reasons, otherwise ``NoBackendError`` lists them;
 - when nothing fits, ``NoBackendError`` lists every backend with its reasons.
 
-``with mmkern.dispatch_log() as log:`` records which backend ran each op inside the block (tests use it
-to assert that the backend they name is the one that ran).
+The rule auto keeps: never slower than the torch call a user would otherwise make. The ``torch``
+backend (torch's own fast paths in the input dtype) ranks above the float64 ``reference``, which is the
+oracle and the last resort only. Under ``TRITON_INTERPRET=1`` (a test mode: Triton runs on the CPU
+through its interpreter, slowly) the order is unchanged, so auto keeps preferring Triton there.
+
+``mmkern.explain(fn, *args, **kwargs)`` runs a call and returns, for every op it dispatched, each
+backend's verdict and reasons and the one auto took; ``with mmkern.dispatch_log() as log:`` records
+which backend ran each op inside the block (tests use it to assert that what they name is what ran).
 """
 from __future__ import annotations
 
 import contextvars
+import importlib
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
-# Fastest first. The reference is last: it is always correct and always slow.
-PRIORITY = ("cuda", "triton", "cpu", "reference")
+# The default order, fastest first. `torch` (torch's own kernels) is the floor every faster backend is
+# measured against; the float64 reference is last: always correct, always slow.
+PRIORITY = ("cuda", "triton", "cpu", "torch", "reference")
 ENV_VAR = "MMKERN_BACKEND"
+
+# Every op of mmkern (the torch.library ops of mmkern/ops/); a kernel registered for another name is a bug
+# (a misspelt lazy registration would otherwise be a silent "no kernel" reason).
+OPS = ("attention_forward", "attention_backward", "kvcache_append", "norm_residual_forward",
+       "norm_residual_backward", "add_noise", "get_velocity", "diffusion_loss", "diffusion_loss_backward",
+       "ddpm_step", "ddim_step", "euler_step", "euler_scale_model_input", "euler_add_noise")
 
 
 class NoBackendError(ValueError):
     """No backend can run an op on the given inputs (or the forced one cannot)."""
 
 
+def _no_reasons(problem) -> list[str]:
+    return []
+
+
 @dataclass
 class Kernel:
-    run: Callable[..., object]
-    # inputs -> reasons this kernel cannot take them ([] = it can)
-    reasons: Callable[..., list[str]] = lambda **inputs: []
+    run: Callable[[object], object]                       # problem -> the op's outputs
+    reasons: Callable[[object], list[str]] = _no_reasons   # problem -> why not ([] = it can)
 
 
 @dataclass
@@ -53,14 +73,74 @@ class Backend:
 
 _BACKENDS: dict[str, Backend] = {}
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("mmkern_backend", default=None)
-
-
 _ENVIRONMENT: dict[str, list[str]] = {}   # backend name -> its environment reasons, asked once (see below)
+# op -> the function that builds its problem record from the op's schema arguments (mmkern/ops/)
+_PROBLEMS: dict[str, Callable[..., object]] = {}
 
+
+# --------------------------------------------------------------------------- registration
 
 def register_backend(backend: Backend) -> None:
     _BACKENDS[backend.name] = backend
     forget_environment()
+
+
+def define_problem(op: str, build: Callable[..., object]) -> None:
+    """The op layer names how `op`'s problem record is built from its schema arguments (`problem(op, ...)`)."""
+    _check_op(op)
+    _PROBLEMS[op] = build
+
+
+def problem(op: str, **inputs):
+    """The problem record `op` builds from these schema arguments (validated): what `select` and each
+    backend's reasons take. For tests and tools; the ops build their records themselves."""
+    if op not in _PROBLEMS:
+        importlib.import_module("mmkern")       # the op modules define their builders on import
+    return _PROBLEMS[op](**inputs)
+
+
+def _check_op(op: str) -> None:
+    if op not in OPS:
+        raise ValueError(f"mmkern.dispatch: unknown op {op!r}; the ops are {', '.join(OPS)}")
+
+
+def register_kernel(op: str, backend: str, run: Callable[[object], object],
+                    reasons: Callable[[object], list[str]] | None = None) -> None:
+    _check_op(op)
+    _BACKENDS[backend].kernels[op] = Kernel(run) if reasons is None else Kernel(run, reasons)
+
+
+class LazyFunction:
+    """`package.module.function`, imported on the first call (a backend's package need not import its kernels,
+    e.g. triton, until the dispatcher asks). `resolve()` imports it now (the registration test calls it for
+    every registered kernel, so a misspelt module or function fails a test, not a user's call)."""
+
+    def __init__(self, module: str, function: str):
+        self.module, self.function = module, function
+        self._resolved = None
+        self.__qualname__ = f"{module}.{function}"
+
+    def resolve(self) -> Callable:
+        if self._resolved is None:
+            fn = getattr(importlib.import_module(self.module), self.function, None)
+            if not callable(fn):
+                raise AttributeError(f"{self.module} has no function {self.function}()")
+            self._resolved = fn
+        return self._resolved
+
+    def __call__(self, problem):
+        return (self._resolved or self.resolve())(problem)
+
+    def __repr__(self) -> str:
+        return f"<lazy {self.__qualname__}>"
+
+
+def register_lazy(backend: str, package: str, table: dict[str, tuple[str, str, str]]) -> None:
+    """Registers, for `backend`, each op of `table` (op -> (module of `package`, run function, reasons
+    function)) as LazyFunctions: nothing is imported until the dispatcher asks about the op."""
+    for op, (module, run, reasons) in table.items():
+        register_kernel(op, backend, LazyFunction(f"{package}.{module}", run),
+                        LazyFunction(f"{package}.{module}", reasons))
 
 
 def environment_reasons(name: str) -> list[str]:
@@ -78,14 +158,8 @@ def forget_environment() -> None:
     _ENVIRONMENT.clear()
 
 
-def register_kernel(op: str, backend: str, run: Callable[..., object],
-                    reasons: Callable[..., list[str]] | None = None) -> None:
-    kernel = Kernel(run) if reasons is None else Kernel(run, reasons)
-    _BACKENDS[backend].kernels[op] = kernel
-
-
 def backends() -> dict[str, Backend]:
-    """All registered backends, in priority order."""
+    """All registered backends, in the default priority order."""
     return {name: _BACKENDS[name] for name in PRIORITY if name in _BACKENDS}
 
 
@@ -93,6 +167,8 @@ def available_backends() -> list[str]:
     """Backends usable in this process: their environment is fine and they implement at least one op."""
     return [name for name, b in backends().items() if not environment_reasons(name) and b.kernels]
 
+
+# --------------------------------------------------------------------------- forcing a backend
 
 def _check_name(name: str) -> str:
     if name != "auto" and name not in _BACKENDS:
@@ -127,7 +203,43 @@ def forced_backend() -> str:
     return name
 
 
-def not_supported_reasons(op: str, backend_name: str, device: torch.device, inputs: dict) -> list[str]:
+# --------------------------------------------------------------------------- input-aware order
+
+class Rule(NamedTuple):
+    """When `applies(problem)` holds for `op`, auto tries `first` (in that order) before the rest of PRIORITY."""
+    op: str
+    why: str
+    applies: Callable[[object], bool]
+    first: tuple[str, ...]
+
+
+def _cuda_decode(problem) -> bool:
+    return problem.device.type == "cuda" and problem.decode_shaped
+
+
+RULES = (
+    # The CUDA C++ forward tiles 64 query rows (x the GQA group) per program: at Lq <= 16 it computes 63 of
+    # 64 rows for nothing and runs one program per (batch, head), too few to fill the GPU at batch 1. The
+    # Triton split-KV path packs the GQA group into a tile's rows and splits the keys across programs.
+    # (Triton itself falls back to its normal forward when the keys are too short to split.)
+    Rule("attention_forward", "decode shapes (at most 16 queries, no grad, no mask, no dropout) on a GPU: "
+         "Triton's split-KV decode before the CUDA kernel", _cuda_decode, ("triton",)),
+)
+
+
+def auto_order(op: str, problem) -> tuple[str, ...]:
+    """The order auto dispatch tries the backends in for this problem: PRIORITY, reordered by the first of
+    RULES that applies."""
+    for rule in RULES:
+        if rule.op == op and rule.applies(problem):
+            return (*rule.first, *(name for name in PRIORITY if name not in rule.first))
+    return PRIORITY
+
+
+# --------------------------------------------------------------------------- selection
+
+def not_supported_reasons(op: str, backend_name: str, problem) -> list[str]:
+    """Why `backend_name` cannot run `op` on this problem ([] = it can)."""
     b = _BACKENDS[backend_name]
     reasons = environment_reasons(backend_name)
     if reasons:
@@ -135,53 +247,62 @@ def not_supported_reasons(op: str, backend_name: str, device: torch.device, inpu
     kernel = b.kernels.get(op)
     if kernel is None:
         return [f"has no kernel for {op}"]
-    device_reason = b.device_reason(device)
+    device_reason = b.device_reason(problem.device)
     if device_reason:
         return [device_reason]
-    return kernel.reasons(**inputs)
+    return kernel.reasons(problem)
 
 
-def select(op: str, device: torch.device, inputs: dict) -> str:
-    """The backend that will run `op` on these inputs; NoBackendError when none can."""
+def select(op: str, problem) -> str:
+    """The backend that will run `op` on this problem; NoBackendError when none can."""
     forced = forced_backend()
-    candidates = list(backends()) if forced == "auto" else [forced]
+    candidates = [n for n in auto_order(op, problem) if n in _BACKENDS] if forced == "auto" else [forced]
     all_reasons: dict[str, list[str]] = {}
     for name in candidates:
-        reasons = not_supported_reasons(op, name, device, inputs)
+        reasons = not_supported_reasons(op, name, problem)
         if not reasons:
             return name
         all_reasons[name] = reasons
     lines = [f"  {name}: " + "; ".join(r) for name, r in all_reasons.items()]
     how = "auto dispatch found no backend" if forced == "auto" else f"the forced backend {forced!r} cannot run it"
-    raise NoBackendError(f"mmkern: {how} for {op} on {device.type} tensors:\n" + "\n".join(lines))
+    raise NoBackendError(f"mmkern: {how} for {op} on {problem.device.type} tensors:\n" + "\n".join(lines))
 
 
-# The open dispatch_log blocks. Process-wide, not a context variable: autograd runs CUDA backwards in its own
-# threads, and a backward is part of what a block records.
-_LOGS: list[list[tuple[str, str]]] = []
+# --------------------------------------------------------------------------- recording what ran
+
+# The open dispatch_log / explain blocks. Process-wide, not a context variable: autograd runs CUDA backwards
+# in its own threads, and a backward is part of what a block records.
+_LOGS: list["dispatch_log"] = []
 _LOGS_LOCK = threading.Lock()
 
 
 class dispatch_log:
-    """Records (op, backend) for every op dispatched while the block is open, in any thread:
+    """Records every op dispatched while the block is open, in any thread:
 
         with mmkern.dispatch_log() as log:
             out = mmkern.flash_attn_func(q, k, v)
         assert log.ran("triton", "attention_forward")
+
+    `calls`: (op, backend) per call, in order; `problems`: the problem record of each call (same order).
     """
 
     def __init__(self):
         self.calls: list[tuple[str, str]] = []
+        self.problems: list[object] = []
 
     def __enter__(self) -> "dispatch_log":
         with _LOGS_LOCK:
-            _LOGS.append(self.calls)
+            _LOGS.append(self)
         return self
 
     def __exit__(self, *exc) -> None:
         with _LOGS_LOCK:
-            index = next(i for i, calls in enumerate(_LOGS) if calls is self.calls)
+            index = next(i for i, log in enumerate(_LOGS) if log is self)
             del _LOGS[index]
+
+    def record(self, op: str, name: str, problem) -> None:
+        self.calls.append((op, name))
+        self.problems.append(problem)
 
     def backends(self, op: str | None = None) -> set[str]:
         """The backends that ran `op` (any op when None)."""
@@ -191,11 +312,61 @@ class dispatch_log:
         return backend_name in self.backends(op)
 
 
-def call(op: str, device: torch.device, **inputs):
+def call(op: str, problem):
     """Run `op` on the selected backend."""
-    name = select(op, device, inputs)
+    name = select(op, problem)
     if _LOGS:
         with _LOGS_LOCK:
-            for calls in _LOGS:
-                calls.append((op, name))
-    return _BACKENDS[name].kernels[op].run(**inputs)
+            for log in _LOGS:
+                log.record(op, name, problem)
+    return _BACKENDS[name].kernels[op].run(problem)
+
+
+# --------------------------------------------------------------------------- explain
+
+@dataclass
+class Decision:
+    """One dispatched op of an explained call: every backend's reasons ([] = could run it), in auto's order
+    for this problem, what auto would take, and what ran (differs from `auto` inside mmkern.backend(...))."""
+    op: str
+    problem: object
+    verdicts: dict[str, list[str]]
+    auto: str | None
+    ran: str
+
+    def __str__(self) -> str:
+        lines = [f"{self.op}: ran on {self.ran}; auto takes {self.auto or 'nothing'}"]
+        for name, reasons in self.verdicts.items():
+            mark = "*" if name == self.auto else " "
+            lines.append(f"  {mark} {name:<10} " + ("can run it" if not reasons else "; ".join(reasons)))
+        return "\n".join(lines)
+
+
+class Explanation(dispatch_log):
+    """What `explain` returns: `decisions` (one Decision per dispatched op) and `result` (the call's value)."""
+
+    def __init__(self):
+        super().__init__()
+        self.decisions: list[Decision] = []
+        self.result = None
+
+    def record(self, op: str, name: str, problem) -> None:
+        super().record(op, name, problem)
+        order = [n for n in auto_order(op, problem) if n in _BACKENDS]
+        verdicts = {n: not_supported_reasons(op, n, problem) for n in order}
+        auto = next((n for n, reasons in verdicts.items() if not reasons), None)
+        self.decisions.append(Decision(op, problem, verdicts, auto, name))
+
+    def __str__(self) -> str:
+        return "\n".join(str(d) for d in self.decisions) or "no mmkern op ran"
+
+
+def explain(fn: Callable, *args, **kwargs) -> Explanation:
+    """Runs fn(*args, **kwargs) once and says, for every mmkern op it dispatched, what each backend would do
+    with those inputs and why, and which backend auto takes:
+
+        print(mmkern.explain(mmkern.flash_attn_func, q, k, v, causal=True))
+    """
+    with Explanation() as explanation:
+        explanation.result = fn(*args, **kwargs)
+    return explanation

@@ -62,11 +62,31 @@ def _norm_residual(fn, x, residual, weight, bias, eps, dropout_p, prenorm, resid
 
 def layer_norm_residual(x, residual=None, weight=None, bias=None, eps=1e-5, dropout_p=0.0, prenorm=False,
                         residual_in_fp32=False, *, modulation=None):
-    """LayerNorm(dropout(x) + residual) * weight + bias over the last dimension of x.
+    """LayerNorm(dropout(x) + residual) * weight + bias over the last dimension of x, in one fused kernel
+    (flash-attn's layer_norm_fn; torch.nn.LayerNorm after the dropout and the residual add).
 
-    Returns out (like x), or (out, pre) with prenorm=True. weight/bias: (N,) in x's dtype or float32.
-    modulation=(shift, scale): (batch, N) each (x's dtype or float32; either may be None); then
-    out = that * (1 + scale) + shift per sample of x = (batch, ..., N) (adaLN).
+        pre = dropout(x) + residual;   out = (pre - mean(pre)) / sqrt(var(pre) + eps) * weight + bias
+
+    Arguments:
+        x: (..., N), at least 1-D with N >= 1, float16, bfloat16, float32 or float64. Any leading dimensions;
+            the last is normalised.
+        residual: None, or x's shape, any of those dtypes (it may differ from x's: a float32 residual stream
+            under half-precision x). On x's device.
+        weight: None, or (N,) in x's dtype or float32: the scale (None: 1).
+        bias: None, or (N,) in x's dtype or float32: the shift (None: 0).
+        eps: a float > 0, added to the variance.
+        dropout_p: a float in [0, 1): dropout on x before the add, applied whenever > 0 (this function knows
+            no training mode; the nn module passes 0 in eval). Its mask is drawn from a seed taken from torch's
+            default CPU generator, so torch.manual_seed makes it reproducible; the backward regenerates it.
+        prenorm: return the residual stream pre as well (a pre-norm transformer carries it to the next block).
+        residual_in_fp32: without a residual, keep pre in float32 (with a residual, pre has its dtype).
+        modulation: None, or (shift, scale), each None or (batch, N) in x's dtype or float32, with x of shape
+            (batch, ..., N) (at least 2-D) and batch = x.shape[0]; both given: one shape. adaLN (DiT, PixArt):
+            out = out * (1 + scale[b]) + shift[b] for the rows of sample b.
+    Return:
+        out: x's shape and dtype. With prenorm=True, (out, pre): pre x's shape, in residual's dtype, or without
+        a residual float32 (residual_in_fp32) or x's dtype. Both new, contiguous tensors. Differentiable in x,
+        residual, weight, bias and the modulation.
     """
     return _norm_residual("mmkern.layer_norm_residual", x, residual, weight, bias, eps, dropout_p, prenorm,
                           residual_in_fp32, False, modulation)
@@ -74,10 +94,27 @@ def layer_norm_residual(x, residual=None, weight=None, bias=None, eps=1e-5, drop
 
 def rms_norm_residual(x, residual=None, weight=None, eps=1e-6, dropout_p=0.0, prenorm=False, residual_in_fp32=False,
                       *, modulation=None):
-    """RMSNorm(dropout(x) + residual) * weight over the last dimension of x.
+    """RMSNorm(dropout(x) + residual) * weight over the last dimension of x, in one fused kernel
+    (flash-attn's rms_norm_fn; torch.nn.RMSNorm after the dropout and the residual add).
 
-    Returns out (like x), or (out, pre) with prenorm=True. weight: (N,) in x's dtype or float32.
-    modulation=(shift, scale): as in layer_norm_residual (adaLN).
+        pre = dropout(x) + residual;   out = pre / sqrt(mean(pre^2) + eps) * weight
+
+    Arguments:
+        x: (..., N), at least 1-D with N >= 1, float16, bfloat16, float32 or float64; the last dimension is
+            normalised.
+        residual: None, or x's shape, any of those dtypes (pre takes it), on x's device.
+        weight: None, or (N,) in x's dtype or float32: the scale (None: 1).
+        eps: a float > 0, added to the mean square.
+        dropout_p: a float in [0, 1): dropout on x before the add, whenever > 0 (seeded from torch's default
+            CPU generator, as in layer_norm_residual).
+        prenorm: return the residual stream pre as well.
+        residual_in_fp32: without a residual, keep pre in float32.
+        modulation: None, or (shift, scale), each None or (batch, N) in x's dtype or float32 with
+            x = (batch, ..., N): out = out * (1 + scale[b]) + shift[b] (adaLN), as in layer_norm_residual.
+    Return:
+        out: x's shape and dtype; with prenorm=True, (out, pre), pre x's shape in residual's dtype (without a
+        residual: float32 with residual_in_fp32, else x's dtype). Differentiable in x, residual, weight and the
+        modulation.
     """
     return _norm_residual("mmkern.rms_norm_residual", x, residual, weight, None, eps, dropout_p, prenorm,
                           residual_in_fp32, True, modulation)

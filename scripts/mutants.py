@@ -68,7 +68,9 @@ class Mutant:
 
     @property
     def backend(self) -> str:
-        return "c++" if self.path.startswith("csrc/") else "triton"
+        if self.path.startswith("csrc/"):
+            return "c++"
+        return "triton" if self.path.startswith("mmkern/triton/") else "torch"
 
     @property
     def needs_build(self) -> bool:
@@ -76,13 +78,17 @@ class Mutant:
 
 
 A = "mmkern/triton/attention_scores.py"
+TB = "mmkern/torch_backend/attention.py"
+TT = "tests/test_torch_backend_attention.py::"
 NT = "mmkern/triton/norm.py"
+NK = "mmkern/triton/norm_kernels.py"
 NC = "csrc/norm/norm_cpu.cpp"
 DM = "csrc/diffusion/diffusion_math.h"
 TA = "tests/test_triton_attention.py::"
 TD = "tests/test_triton_attention_decode.py::"
 TN = "tests/test_triton_norm.py::"
 TS = "tests/test_triton_diffusion_steps.py::"
+TND = "tests/test_torch_backend_norm_diffusion.py::"
 NN = "tests/test_native_norm.py::"
 ND = "tests/test_native_diffusion.py::"
 G = "tests/test_mutant_guards.py::"
@@ -126,18 +132,34 @@ MUTANTS: tuple[Mutant, ...] = (
            "l = l + tl.exp(lse_s - m_safe)",
            "split-KV merge: the running sum of exp(lse) not rescaled when the max over splits grows",
            (TD + "test_flash_attn_func_short_queries[3-257-True]",)),
+    # ---------------------------------------------------------------- attention (the torch backend)
+    Mutant("attn-torch-bottom-right-as-torch-causal", "attention", TB,
+           "if p.right == 0 and (Lq == Lk or not p.causal_bottom_right):",
+           "if p.right == 0:",
+           "torch backend: flash-attn's bottom-right causal handed to torch's is_causal (top-left) when Lq != Lk",
+           (TT + "test_flash_attn_func_on_torch_matches_oracle[causal Lq<Lk D40-kernel-backward]",)),
+    Mutant("attn-torch-empty-rows-lse-zero", "attention", TB,
+           "            lse = lse.masked_fill(~self.sees_a_key, NEG_INF)\n",
+           "",
+           "torch backend: torch's lse 0 kept for a row that sees no key (the contract says -inf)",
+           (TT + "test_flash_attn_func_on_torch_matches_oracle[causal Lq>Lk (empty rows) D72-exact-backward]",)),
+    Mutant("attn-torch-gqa-grad-mean", "attention", TB,
+           "t = t.view(B, H // group, group, L, D).sum(2)",
+           "t = t.view(B, H // group, group, L, D).mean(2)",
+           "torch backend: GQA dk/dv averaged over the query heads sharing a k/v head instead of summed",
+           (TT + "test_flash_attn_func_on_torch_matches_oracle[causal Lq<Lk D40-kernel-backward]",)),
     # ---------------------------------------------------------------- norm (Triton)
     Mutant("norm-triton-pre-in-x-dtype", "norm", NT,
-           "pre = torch.empty((rows, N), dtype=residual_dtype(x, residual, residual_in_fp32), device=x.device)",
+           "pre = torch.empty((rows, N), dtype=p.stream_dtype, device=x.device)",
            "pre = torch.empty((rows, N), dtype=x.dtype, device=x.device)",
            "forward launcher: the fp32 residual stream (pre) stored in x's half dtype",
            (G + "test_triton_residual_stream_stays_float32",)),
-    Mutant("norm-triton-dbias-dropped", "norm", NT,
+    Mutant("norm-triton-dbias-dropped", "norm", NK,
            "tl.store(dbias_part_ptr + part_row + cols, factor * sum_dout, mask=in_row)",
            "tl.store(dbias_part_ptr + part_row + cols, 0.0 * sum_dout, mask=in_row)",
            "backward kernel: dbias dropped (its partial sums written as 0)",
            (TN + "test_matches_oracle_prenorm_with_residual[layernorm-fp32-fp32-7]",)),
-    Mutant("norm-triton-eps-outside-sqrt", "norm", NT,
+    Mutant("norm-triton-eps-outside-sqrt", "norm", NK,
            "    rstd = 1.0 / tl.sqrt(variance + eps)\n    tl.store(rstd_ptr + row, rstd)",
            "    rstd = 1.0 / (tl.sqrt(variance) + eps)\n    tl.store(rstd_ptr + row, rstd)",
            "forward kernel: rstd = 1 / (sqrt(var) + eps) instead of 1 / sqrt(var + eps)",
@@ -158,6 +180,17 @@ MUTANTS: tuple[Mutant, ...] = (
            "tl.sqrt(tl.maximum(1.0 - a_prev + std * std, 0.0)) * eps",
            "DDIM: the eta term with the wrong sign, sqrt(1 - a_prev + sigma^2) as the eps coefficient",
            (TS + "test_ddim_step_matches_oracle[0.5-clip-True-epsilon]",)),
+    # ---------------------------------------------------------------- norm and diffusion (the torch backend)
+    Mutant("norm-torch-adaln-scale-without-one", "norm", "mmkern/torch_backend/norm.py",
+           "        y = y * (1 + scale.unsqueeze(1))",
+           "        y = y * scale.unsqueeze(1)",
+           "torch backend: adaLN scales by scale instead of (1 + scale) (the forward, and the backward's dy)",
+           (TND + "test_norm_matches_oracle_variants[layernorm-modulation-fp32-fp32]",)),
+    Mutant("diffusion-torch-ddpm-noise-at-t0", "diffusion", "mmkern/torch_backend/diffusion.py",
+           "noisy = _per_sample(p.timesteps > 0, s)",
+           "noisy = _per_sample(p.timesteps >= 0, s)",
+           "torch backend: DDPM adds std * noise at t = 0 too (the chain's last step must return the mean)",
+           (TND + "test_ddpm_step_at_t0_adds_no_noise[fixed_large]",)),
     # ---------------------------------------------------------------- C++: the header compiled by its own test
     Mutant("philox-cpu-dropout-tail-unscaled", "norm", "csrc/common/philox_cpu.h",
            "a[j + l] = uniform_from_bits(bits[l]) >= p ? a[j + l] * scale : 0.f;",
@@ -559,14 +592,14 @@ def _run(chosen: list[Mutant], tmp: Path, args) -> int:
     plugin_dir.mkdir()
     logs.mkdir()
     (plugin_dir / "mutants_guard_plugin.py").write_text(PLUGIN)
-    first = tmp / "tree-triton"
+    first = tmp / "tree-python"
     n = copy_tree(REPO, first)
     reporter = Reporter(len(chosen))
     reporter.say(f"mutants: {len(chosen)} of {len(MUTANTS)}; the working tree of {REPO} ({n} files) is copied "
                  f"into {tmp}, once per pipeline")
     # pipelines: the Triton mutants; the C++ mutants of each family (their own copy and build: csrc/common and
     # csrc/<family>, so the two chains of rebuilds run side by side and never recompile each other's units)
-    groups = [("triton", "triton", [m for m in chosen if m.backend == "triton"])]
+    groups = [("python", "triton", [m for m in chosen if m.backend in ("triton", "torch")])]
     groups += [(f"c++ {f}", f, [m for m in chosen if m.backend == "c++" and m.family == f]) for f in FAMILIES]
     pipelines = []
     stop = threading.Event()
@@ -576,7 +609,7 @@ def _run(chosen: list[Mutant], tmp: Path, args) -> int:
         copy = tmp / f"tree-{kind.replace(' ', '-')}"
         if copy != first:
             shutil.copytree(first, copy, symlinks=True)
-        # the Triton copy's build folder stays empty: no C++ kernel can stand in for a Triton one
+        # the Python copy's build folder stays empty: no C++ kernel can stand in for a Triton or torch one
         env = environment(copy, tmp / f"build-{kind.replace(' ', '-')}", plugin_dir, args.test_seed,
                           "norm" if families == "triton" else families)
         where, isa = prove_import(copy, env)
@@ -588,7 +621,7 @@ def _run(chosen: list[Mutant], tmp: Path, args) -> int:
             mutants = [m for m in mutants if not m.needs_avx2]
             if not mutants:
                 continue
-        if kind == "triton":
+        if kind == "python":
             pipelines.append((kind, lambda c=copy, e=env, ms=mutants: triton_pipeline(c, e, ms, reporter, stop)))
         else:
             pipelines.append((kind, lambda k=kind, c=copy, e=env, ms=mutants:

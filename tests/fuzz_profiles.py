@@ -130,7 +130,10 @@ def backends() -> list[str]:
 
 
 def takes(backend: str, op: str, device: torch.device, inputs: dict) -> bool:
-    return not dispatch.not_supported_reasons(op, backend, device, inputs)
+    """Whether `backend` takes `op` on these schema arguments (the op's record fills in what is left out)."""
+    problem = dispatch.problem(op, **inputs)
+    assert problem.device == device, (problem.device, device)
+    return not dispatch.not_supported_reasons(op, backend, problem)
 
 
 def _triton_attention_mask(seed, shape, dropout_p, device):

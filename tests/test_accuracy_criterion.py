@@ -121,7 +121,11 @@ def test_where_eager_half_overflows_the_bound_comes_from_the_float32_yardstick(d
 def test_every_backend_checks_fails_when_only_the_reference_checked():
     """The fuzz suites' per-backend requirement: a usable backend that takes the typical input but checked no
     drawn example fails the test (the count of examples the reference checked always held)."""
-    typical = dict(sample=torch.zeros(2, 3, device=fz.DEVICE))
+    x, t = torch.zeros(2, 3, device=fz.DEVICE), torch.zeros(2, dtype=torch.long, device=fz.DEVICE)
+    typical = dict(model_output=x, sample=x, timesteps=t, prev_timesteps=t - 1,
+                   alphas_cumprod=torch.full((10,), 0.5, device=fz.DEVICE), noise=None, prediction_type="epsilon",
+                   variance_type="fixed_small", clip_sample_range=0.0, dynamic_thresholding_ratio=0.0,
+                   sample_max_value=1.0)
     ops = ("ddpm_step",)
     required = [b for b in fz.backends() if b != "reference" and ops[0] in dispatch.backends()[b].kernels
                 and fz.takes(b, ops[0], fz.DEVICE, typical)]

@@ -17,11 +17,11 @@ def test_reference_is_always_available():
 
 def test_auto_picks_first_backend_without_reasons():
     x = randn(2, 4, dtype=torch.float32)
-    inputs = dict(original_samples=x, noise=x, timesteps=torch.tensor(1), alphas_cumprod=torch.linspace(0.9, 0.1, 5))
-    device = torch.device("cpu")
-    fitting = [name for name in dispatch.PRIORITY if not dispatch.not_supported_reasons("add_noise", name, device, inputs)]
+    problem = dispatch.problem("add_noise", samples=x, noise=x, timesteps=torch.tensor(1),
+                               alphas_cumprod=torch.linspace(0.9, 0.1, 5))
+    fitting = [name for name in dispatch.PRIORITY if not dispatch.not_supported_reasons("add_noise", name, problem)]
     assert fitting and fitting[-1] == "reference"
-    assert dispatch.select("add_noise", device, inputs) == fitting[0]
+    assert dispatch.select("add_noise", problem) == fitting[0]
 
 
 def test_forcing_a_backend_that_cannot_run_lists_its_reasons():
@@ -57,7 +57,7 @@ def test_backend_context_nests_and_is_reusable():
 
 
 def test_unknown_backend_name():
-    with pytest.raises(ValueError, match="unknown backend 'fast'.*known backends: auto, cuda, triton, cpu, reference"):
+    with pytest.raises(ValueError, match="unknown backend 'fast'.*known backends: auto, cuda, triton, cpu, torch, reference"):
         mmkern.backend("fast")
 
 

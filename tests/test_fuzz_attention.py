@@ -58,6 +58,13 @@ def _slopes(kind, B, H):
     return torch.rand(H, device=fz.DEVICE) if kind == "heads" else torch.rand(B, H, device=fz.DEVICE)
 
 
+def _feature_inputs(feats) -> dict:
+    """The attention op's schema arguments for drawn features (what the backends' reasons read)."""
+    left, right = feats["window_size"]
+    return dict(causal=feats["causal"], window_left=left, window_right=right, softcap=feats["softcap"],
+                dropout_p=feats["dropout_p"], softmax_scale=feats["softmax_scale"] or 1.0)
+
+
 def _run_backends(test, case, ops, inputs_for_reasons, dtype, dropout_p, device=fz.DEVICE):
     """Checks `case` on every backend that takes it; dropout only where the backend's mask is known."""
     checked = 0
@@ -102,7 +109,7 @@ def test_flash_attn_func_matches_oracle(data, dtype, feats):
         case = verify.Case(test, shape, lambda: inputs, fz.seeded(run, 1234), cast=("q", "k", "v"),
                            grad=("q", "k", "v"), outputs=("out", "lse"))
         reasons_inputs = dict(q=inputs["q"].to(dtype), k=inputs["k"].to(dtype), v=inputs["v"].to(dtype),
-                              alibi_slopes=slopes, attn_mask=None, dropout_p=feats["dropout_p"])
+                              alibi_slopes=slopes, attn_mask=None, **_feature_inputs(feats))
         _run_backends(test, case, ATTN_OPS, reasons_inputs, dtype, feats["dropout_p"])
 
 
@@ -142,7 +149,8 @@ def test_flash_attn_varlen_func_matches_oracle(data, dtype, feats):
         case = verify.Case(test, shape, lambda: inputs, fz.seeded(run, 99), cast=("q", "k", "v"),
                            grad=("q", "k", "v"), outputs=("out", "lse"))
         reasons_inputs = dict(q=inputs["q"].to(dtype), k=inputs["k"].to(dtype), v=inputs["v"].to(dtype),
-                              alibi_slopes=slopes, attn_mask=None, dropout_p=feats["dropout_p"])
+                              alibi_slopes=slopes, attn_mask=None, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                              max_seqlen_q=max_q, max_seqlen_k=max_k, **_feature_inputs(feats))
         _run_backends(test, case, ATTN_OPS, reasons_inputs, dtype, feats["dropout_p"])
 
 
@@ -177,7 +185,7 @@ def test_flash_attn_with_kvcache_matches_oracle(data, dtype, feats):
         case = verify.Case(test, shape, lambda: inputs, run, cast=tuple(inputs),
                            outputs=("out", "lse", "k_cache", "v_cache"))
         reasons_inputs = dict(q=inputs["q"].to(dtype), k=inputs["k_cache"].to(dtype), v=inputs["v_cache"].to(dtype),
-                              alibi_slopes=slopes, attn_mask=None, dropout_p=0.0)
+                              alibi_slopes=slopes, attn_mask=None, **_feature_inputs(dict(feats, dropout_p=0.0)))
         _run_backends(test, case, ("attention_forward",), reasons_inputs, dtype, 0.0)
 
 
@@ -223,7 +231,8 @@ def test_scaled_dot_product_attention_matches_oracle(data, dtype):
         case = verify.Case(test, shape, lambda: inputs, fz.seeded(run, 7), cast=tuple(cast), grad=tuple(grad))
         q, k, v = (inputs[n].to(dtype).transpose(1, 2) for n in ("q", "k", "v"))
         mask = inputs.get("mask")
-        reasons_inputs = dict(q=q, k=k, v=v, alibi_slopes=None, dropout_p=dropout_p,
+        reasons_inputs = dict(q=q, k=k, v=v, alibi_slopes=None, dropout_p=dropout_p, causal=mask_kind == "causal",
+                              causal_bottom_right=False,
                               attn_mask=None if mask is None else mask.to(dtype if mask.is_floating_point() else
                                                                           torch.bool).expand(B, H, Lq, Lk))
         _run_backends(test, case, ATTN_OPS, reasons_inputs, dtype, dropout_p)

@@ -17,12 +17,18 @@ from mmkern.diffusion import NoiseSchedule
 
 DTYPES = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
 PREDICTIONS = ["epsilon", "v_prediction", "sample"]
-# Plain inputs (fp32, (2, 3)) as the diffusion ops' not_supported_reasons see them, for every_backend_checks
+# Plain inputs (fp32, (2, 3)): the schema arguments of a plain call of each op, whose problem record the
+# backends' not_supported_reasons see, for every_backend_checks
 _x = torch.zeros(2, 3, device=fz.DEVICE)
-TYPICAL = dict(sample=_x)
-TYPICAL_LOSS = dict(model_output=_x, original_samples=_x, noise=_x, timesteps=torch.zeros(2, dtype=torch.long,
-                    device=fz.DEVICE), alphas_cumprod=torch.ones(10, device=fz.DEVICE), prediction_type="epsilon",
-                    snr_gamma=0.0)
+_t = torch.zeros(2, dtype=torch.long, device=fz.DEVICE)
+_table = torch.full((10,), 0.5, device=fz.DEVICE)
+TYPICAL_LOSS = dict(model_output=_x, original_samples=_x, noise=_x, timesteps=_t, alphas_cumprod=_table,
+                    prediction_type="epsilon", snr_gamma=0.0)
+TYPICAL_DDPM = dict(model_output=_x, sample=_x, timesteps=_t, prev_timesteps=_t - 1, alphas_cumprod=_table, noise=None,
+                    prediction_type="epsilon", variance_type="fixed_small", clip_sample_range=0.0,
+                    dynamic_thresholding_ratio=0.0, sample_max_value=1.0)
+TYPICAL_EULER = dict(model_output=_x, sample=_x, step_index=_t, sigmas=_table, noise=None, prediction_type="epsilon",
+                     gamma=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -98,7 +104,7 @@ def test_noise_mix_and_loss_match_oracle(data, dtype, schedule, shape):
             _check_all(test, case, op, reasons, dtype)
 
 
-@fz.every_backend_checks(["ddpm_step", "ddim_step"], ("ddpm_step", "ddim_step"), TYPICAL)
+@fz.every_backend_checks(["ddpm_step", "ddim_step"], ("ddpm_step", "ddim_step"), TYPICAL_DDPM)
 @fuzz(ci=12, gpu=150)
 @given(data=st.data(), dtype=DTYPES, schedule=schedules(), shape=samples(),
        sampler=st.sampled_from(["ddpm", "ddim"]))
@@ -142,10 +148,22 @@ def test_ddpm_ddim_steps_match_oracle(data, dtype, schedule, shape, sampler):
         case = verify.Case(test, description, lambda: inputs, run, cast=("mo", "sample", "noise"),
                            outputs=("prev_sample", "pred_original_sample"))
         x = inputs["sample"].to(dtype)
-        _check_all(test, case, f"{sampler}_step", dict(sample=x), dtype)
+        mo = inputs["mo"].to(dtype)
+        clip_args = dict(prediction_type=prediction, clip_sample_range=1.0 if clip else 0.0,
+                         dynamic_thresholding_ratio=0.9 if thresholding else 0.0,
+                         sample_max_value=kw["sample_max_value"])
+        if sampler == "ddpm":
+            reasons_inputs = dict(model_output=mo, sample=x, timesteps=t, prev_timesteps=prev, alphas_cumprod=ac,
+                                  noise=x if use_noise else None, variance_type=kw["variance_type"], **clip_args)
+        else:
+            reasons_inputs = dict(model_output=mo, sample=x, timesteps=t, prev_timesteps=prev, alphas_cumprod=ac,
+                                  final_alpha_cumprod=1.0, eta=kw["eta"], noise=x if use_noise else None,
+                                  use_clipped_model_output=kw["use_clipped_model_output"], **clip_args)
+        _check_all(test, case, f"{sampler}_step", reasons_inputs, dtype)
 
 
-@fz.every_backend_checks(["euler_step / euler_scale_model_input / euler_add_noise"], ("euler_step",), TYPICAL)
+@fz.every_backend_checks(["euler_step / euler_scale_model_input / euler_add_noise"], ("euler_step",),
+                         TYPICAL_EULER)
 @fuzz(ci=10, gpu=150)
 @given(data=st.data(), dtype=DTYPES, shape=samples())
 def test_euler_ops_match_oracle(data, dtype, shape):
@@ -172,4 +190,7 @@ def test_euler_ops_match_oracle(data, dtype, shape):
         description = f"{shape} sigmas {N}+1 i {i.tolist()} {prediction} churn {churn} s_tmax {s_tmax}"
         case = verify.Case(test, description, lambda: inputs, run, cast=("mo", "sample", "noise"),
                            outputs=("prev_sample", "pred_original_sample", "scale_model_input", "add_noise"))
-        _check_all(test, case, "euler_step", dict(sample=inputs["sample"].to(dtype)), dtype)
+        x = inputs["sample"].to(dtype)
+        _check_all(test, case, "euler_step", dict(model_output=x, sample=x, step_index=i, sigmas=sigmas, noise=x,
+                                                  prediction_type=prediction, gamma=0.0, s_tmin=0.0, s_tmax=s_tmax,
+                                                  s_noise=1.0), dtype)

@@ -20,6 +20,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import mmkern
 from mmkern import build, dispatch, native
 from mmkern.native import attention as adapter
+from mmkern.ops.attention import _FORWARD_ARGS
+from mmkern.ops.attention_problem import build as build_problem
 from native_build_helpers import CUOBJDUMP_HINT, cuobjdump, kernel_sass
 from test_native_build import extension, stamp  # noqa: F401  (module-scoped build fixtures)
 
@@ -91,11 +93,15 @@ def _forward_inputs(**changes):
     return inputs
 
 
-def _backward_inputs(**changes):
-    f = _forward_inputs(**changes)
-    inputs = {name: f[name] for name in f}
-    inputs.update(dout=f["q"], out=f["q"], lse=None, dlse=None, attn_mask_needs_grad=False)
-    return inputs
+def _forward_problem(**changes):
+    """The AttentionProblem the op would build (unvalidated: fake CUDA tensors, varlen offsets unread)."""
+    inputs = _forward_inputs(**changes)
+    return build_problem("test", *(inputs[name] for name in _FORWARD_ARGS), validate=False)
+
+
+def _backward_problem(**changes):
+    p = _forward_problem(**changes)
+    return p.with_gradients(dout=p.q, out=p.q, lse=None, dlse=None, attn_mask_needs_grad=False)
 
 
 # feature -> (changed inputs, words its reason must contain)
@@ -118,9 +124,9 @@ def test_each_unsupported_feature_names_itself(feature, direction, monkeypatch):
     monkeypatch.setattr(adapter, "missing_op_reasons", lambda *names, device=None: [])   # judge the features alone
     changes, words = UNSUPPORTED[feature]
     if direction == "forward":
-        reasons = adapter.forward_reasons(**_forward_inputs(**changes()))
+        reasons = adapter.forward_reasons(_forward_problem(**changes()))
     else:
-        reasons = adapter.backward_reasons(**_backward_inputs(**changes()))
+        reasons = adapter.backward_reasons(_backward_problem(**changes()))
     assert len(reasons) >= 1 and any(words in r for r in reasons), reasons
 
 
@@ -141,15 +147,15 @@ SUPPORTED = {
 @pytest.mark.parametrize("case", list(SUPPORTED))
 def test_supported_inputs_have_no_feature_reasons(case, monkeypatch):
     monkeypatch.setattr(adapter, "missing_op_reasons", lambda *names, device=None: [])
-    assert adapter.forward_reasons(**_forward_inputs(**SUPPORTED[case])) == []
-    assert adapter.backward_reasons(**_backward_inputs(**SUPPORTED[case])) == []
+    assert adapter.forward_reasons(_forward_problem(**SUPPORTED[case])) == []
+    assert adapter.backward_reasons(_backward_problem(**SUPPORTED[case])) == []
 
 
 def test_top_left_causal_is_refused_when_it_differs_from_bottom_right(monkeypatch):
     monkeypatch.setattr(adapter, "missing_op_reasons", lambda *names, device=None: [])
-    with_cache = _forward_inputs(k=_fake_cuda(2, 17, 2, 64), causal=True, causal_bottom_right=False,
-                                 seqused_k=_fake_cuda(2, dtype=torch.int32))
-    assert any("top-left" in r for r in adapter.forward_reasons(**with_cache))
+    with_cache = _forward_problem(k=_fake_cuda(2, 17, 2, 64), causal=True, causal_bottom_right=False,
+                                  seqused_k=_fake_cuda(2, dtype=torch.int32))
+    assert any("top-left" in r for r in adapter.forward_reasons(with_cache))
 
 
 def test_a_build_without_the_ops_is_a_reason(monkeypatch):
@@ -157,19 +163,19 @@ def test_a_build_without_the_ops_is_a_reason(monkeypatch):
     empty namespace; the adapter asks native.missing_op_reasons for its own op, whose reason is the whole answer."""
     monkeypatch.setattr(native, "extension_reasons", lambda: [])
     monkeypatch.setattr(torch.ops, native.NAMESPACE, types.SimpleNamespace(), raising=False)
-    for direction, reasons in (("forward", adapter.forward_reasons(**_forward_inputs())),
-                               ("backward", adapter.backward_reasons(**_backward_inputs()))):
+    for direction, reasons in (("forward", adapter.forward_reasons(_forward_problem())),
+                               ("backward", adapter.backward_reasons(_backward_problem()))):
         assert reasons == [f"mmkern._C was built without mmkern_C::attention_{direction}; run `mmkern build`"], reasons
 
 
 def test_cpu_tensors_are_refused_and_auto_takes_another_backend():
     q = torch.randn(1, 5, 2, 64, dtype=torch.float16)
-    inputs = _forward_inputs(q=q, k=q, max_seqlen_q=5, max_seqlen_k=5)
-    assert adapter.forward_reasons(**inputs) == [adapter.CUDA_ONLY]
+    problem = _forward_problem(q=q, k=q, max_seqlen_q=5, max_seqlen_k=5)
+    assert adapter.forward_reasons(problem) == [adapter.CUDA_ONLY]
     # the adapters are registered for the cuda backend only: the cpu backend has no attention kernel
     for op in ("attention_forward", "attention_backward"):
         assert op in dispatch.backends()["cuda"].kernels and op not in dispatch.backends()["cpu"].kernels
-    assert dispatch.select("attention_forward", q.device, inputs) not in ("cpu", "cuda")
+    assert dispatch.select("attention_forward", problem) not in ("cpu", "cuda")
     out = mmkern.flash_attn_func(q, q, q)       # runs on whichever backend took it
     assert out.shape == q.shape and torch.isfinite(out).all()
 

@@ -69,8 +69,9 @@ def test_noise_ops_match_oracle(backend, op, shape, timesteps, table):
 
 def test_cpu_backend_runs_the_cpp_kernels_and_leaves_float64_to_the_reference():
     x = torch.randn(2, 8)
-    inputs = dict(original_samples=x, noise=x, timesteps=torch.tensor(3), alphas_cumprod=_ac("cpu"))
-    assert mmkern.dispatch.not_supported_reasons("add_noise", "cpu", x.device, inputs) == []
+    inputs = dict(samples=x, noise=x, timesteps=torch.tensor(3), alphas_cumprod=_ac("cpu"))
+    problem = mmkern.dispatch.problem("add_noise", **inputs)
+    assert mmkern.dispatch.not_supported_reasons("add_noise", "cpu", problem) == []
     with mmkern.backend("cpu"):
         got = D.add_noise(x, x, 3, inputs["alphas_cumprod"])
         with pytest.raises(mmkern.NoBackendError, match="original_samples has dtype torch.float64"):

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import mmkern
 from mmkern import dispatch
+from mmkern.ops.norm_problem import build_norm_backward, build_norm_forward
 from mmkern.reference.precision import compute_in
 from mmkern.verify import Case
 from conftest import assert_backend_matches_oracle, max_abs_err, seed_drawn_after
@@ -300,14 +301,16 @@ def test_bfloat16_outputs_are_the_float32_results_rounded_to_nearest_even(N):
     norm = native_norm()
     x, residual = _randn(3, N, dtype=bf16), _randn(3, N, dtype=bf16)
     weight, bias, dout = _randn(N, dtype=f32), _randn(N, dtype=f32), _randn(3, N, dtype=bf16)
-    half = norm.norm_forward(x, residual, weight, bias, 1e-5, 0.0, None, False, False)
-    full = norm.norm_forward(x.float(), residual.float(), weight, bias, 1e-5, 0.0, None, False, False)
+    half = norm.norm_forward(build_norm_forward(x, residual, weight, bias, 1e-5, 0.0, None, False, False))
+    full = norm.norm_forward(build_norm_forward(x.float(), residual.float(), weight, bias, 1e-5, 0.0, None, False,
+                                                False))
     for h, f in zip(half, full):
         assert torch.equal(h, f.to(h.dtype))
     pre = half[1]
-    half = norm.norm_backward(dout, None, pre, weight, bias, None, None, 1e-5, 0.0, None, False, True, bf16)
-    full = norm.norm_backward(dout.float(), None, pre.float(), weight, bias, None, None, 1e-5, 0.0, None, False,
-                              True, f32)
+    half = norm.norm_backward(build_norm_backward(dout, None, pre, weight, bias, None, None, 1e-5, 0.0, None, False,
+                                                  True, bf16))
+    full = norm.norm_backward(build_norm_backward(dout.float(), None, pre.float(), weight, bias, None, None, 1e-5,
+                                                  0.0, None, False, True, f32))
     for h, f in zip(half, full):
         assert torch.equal(h, f.to(h.dtype))
 
@@ -333,8 +336,9 @@ def test_auto_dispatch_prefers_cpu_for_cpu_tensors_without_the_interpreter():
     code = ("import torch, mmkern; from mmkern import dispatch; x = torch.randn(4, 16);"
             "i = dict(x=x, residual=None, weight=None, bias=None, eps=1e-5, dropout_p=0.0, dropout_seed=None,"
             "residual_in_fp32=False, is_rms_norm=False);"
-            "print(dispatch.select('norm_residual_forward', x.device, i),"
-            "dispatch.select('norm_residual_forward', x.device, dict(i, x=x.double())))")
+            "problem = lambda **c: dispatch.problem('norm_residual_forward', **dict(i, **c));"
+            "print(dispatch.select('norm_residual_forward', problem()),"
+            "dispatch.select('norm_residual_forward', problem(x=x.double())))")
     env = {k: v for k, v in __import__("os").environ.items() if k not in ("TRITON_INTERPRET", "MMKERN_BACKEND")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["cpu", "reference"]
@@ -345,11 +349,15 @@ def test_reasons_send_what_the_kernels_do_not_take_elsewhere():
     x = _randn(4, 16, dtype=f16)
     inputs = dict(x=x, residual=None, weight=None, bias=None, eps=1e-5, dropout_p=0.0, dropout_seed=None,
                   residual_in_fp32=False, is_rms_norm=False)
-    assert norm.norm_forward_reasons(**inputs) == []
-    assert "x has dtype torch.float64" in norm.norm_forward_reasons(**dict(inputs, x=x.double()))[0]
-    assert "residual stream has dtype torch.float16" in norm.norm_forward_reasons(**dict(inputs, x=x.float(),
+
+    def problem(**changes):
+        return dispatch.problem("norm_residual_forward", **dict(inputs, **changes))
+
+    assert norm.norm_forward_reasons(problem()) == []
+    assert "x has dtype torch.float64" in norm.norm_forward_reasons(problem(x=x.double()))[0]
+    assert "residual stream has dtype torch.float16" in norm.norm_forward_reasons(problem(x=x.float(),
                                                                                         residual=x))[0]
-    assert "at most 65536" in norm.norm_forward_reasons(**dict(inputs, x=_randn(1, 65537, dtype=f32)))[0]
+    assert "at most 65536" in norm.norm_forward_reasons(problem(x=_randn(1, 65537, dtype=f32)))[0]
     with mmkern.backend("cpu"), pytest.raises(mmkern.NoBackendError, match="x has dtype torch.float64"):
         mmkern.layer_norm_residual(x.double())
 

@@ -21,7 +21,7 @@ def test_every_triton_configuration_compiles_for_sm80_and_sm90():
 
 REGISTER_CHECK = r"""
 import torch
-from mmkern.triton import aot, attention as A
+from mmkern.triton import aot, attention_aot as AA, attention_tiles as A
 from mmkern.triton.attention_backward import attention_dkdv_kernel
 from mmkern.triton.attention_forward import attention_forward_kernel
 
@@ -34,8 +34,8 @@ cases = [  # (kernel, dtype, head dim, tiles, features): the configurations ptxa
      dict(off, MASK_GRAD=False)),
 ]
 for kernel, dtype, bd, tiles, features in cases:
-    constexprs = dict(A._constexprs(bd, tiles, dtype), **features)
-    got = aot.compile_config(kernel, A._signature(kernel, dtype), constexprs, tiles.num_warps, tiles.num_stages, 80,
+    constexprs = dict(AA._constexprs(bd, tiles, dtype), **features)
+    got = aot.compile_config(kernel, AA._signature(kernel, dtype), constexprs, tiles.num_warps, tiles.num_stages, 80,
                              resources=True)
     print(kernel.__name__, dtype, bd, tiles, got.registers, got.spill_stores, got.error)
 """

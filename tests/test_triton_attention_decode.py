@@ -2,7 +2,7 @@
 flash-attn's criterion (mmkern.verify.measure), outputs poisoned with NaN before every run; its
 dispatch rule; the backward's delta kernel; O(L) memory up to 128k keys.
 
-Through the interpreter the split count is min(4, key tiles) (attention.decode_splits), so these
+Through the interpreter the split count is min(4, key tiles) (attention_split_kv.decode_splits), so these
 shapes run 2..4 splits, some empty (short cache_seqlens, causal, window)."""
 import math
 
@@ -10,11 +10,27 @@ import pytest
 import torch
 
 import mmkern
+from typing import NamedTuple
+
 from mmkern.triton import attention as A
+from mmkern.triton import attention_split_kv as S
 from mmkern.verify import Case
 from conftest import assert_backend_matches_oracle
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Shape(NamedTuple):
+    """The facts of an AttentionProblem that decode_splits and _delta read, without tensors (128k-key shapes)."""
+    batch: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    seqlen_q: int
+    seqlen_k: int
+    max_seqlen_q: int
+    max_seqlen_k: int
+    varlen: bool
 
 
 def r(*shape):
@@ -165,13 +181,13 @@ def test_delta_kernel_matches_rowsum_minus_dlse(varlen):
     """delta = rowsum(dO * O) - dlse, with a strided dO and head_dim 80 (two BLOCK_D chunks)."""
     H, D = 3, 80
     if varlen:
-        p = A._Problem(2, H, H, D, 0, 0, 5, 5, True)
+        p = Shape(2, H, H, D, 0, 0, 5, 5, True)
         out = torch.randn(9, H, D, device=DEVICE, dtype=torch.float16)
         dout = torch.randn(H, 9, D, device=DEVICE, dtype=torch.float16).transpose(0, 1)
         dlse = torch.randn(H, 9, device=DEVICE)
         want = (dout.float() * out.float()).sum(-1).t() - dlse
     else:
-        p = A._Problem(2, H, H, D, 7, 7, 7, 7, False)
+        p = Shape(2, H, H, D, 7, 7, 7, 7, False)
         out = torch.randn(2, 7, H, D, device=DEVICE, dtype=torch.float16)
         dout = torch.randn(2, H, 7, D, device=DEVICE, dtype=torch.float16).transpose(1, 2)
         dlse = torch.randn(2, 7, H, device=DEVICE).transpose(1, 2)          # non-contiguous
@@ -232,14 +248,14 @@ def test_prefill_launches_receive_only_linear_buffers(monkeypatch):
 def test_gpu_split_rule_fills_two_waves(monkeypatch):
     """decode_splits on a GPU (the SM count faked at 132, an H100/H200): splits ~ 2 * SMs / programs,
     at least 4 key tiles per split, at most 128; 1 (the normal forward) once the batch fills the GPU."""
-    monkeypatch.setattr(A, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(S, "_sm_count", lambda index: 132)
     gpu = torch.device("cuda", 0)
     tiles = A.Tiles(64, 128, 4, 2)
-    one_query = A._Problem(1, 32, 8, 128, 1, 65536, 1, 65536, False)        # 8 programs without splits
+    one_query = Shape(1, 32, 8, 128, 1, 65536, 1, 65536, False)        # 8 programs without splits
     assert A.decode_splits(one_query, gpu, tiles) == 33
     short_cache = one_query._replace(seqlen_k=1024, max_seqlen_k=1024)     # 8 key tiles: 2 splits of 4
     assert A.decode_splits(short_cache, gpu, tiles) == 2
-    long_single = A._Problem(1, 1, 1, 128, 1, 1 << 20, 1, 1 << 20, False)
+    long_single = Shape(1, 1, 1, 128, 1, 1 << 20, 1, 1 << 20, False)
     assert A.decode_splits(long_single, gpu, tiles) == 128
     big_batch = one_query._replace(batch=64)                                 # 512 programs already
     assert A.decode_splits(big_batch, gpu, tiles) == 1

@@ -36,10 +36,10 @@ def test_matches_oracle(op, shape, timesteps, table):
 def test_auto_dispatch_picks_triton_and_rejects_float64():
     x = torch.randn(2, 8, device=DEVICE)
     ac = _alphas_cumprod(10)
-    inputs = dict(original_samples=x, noise=x, timesteps=torch.tensor(3, device=DEVICE), alphas_cumprod=ac)
-    assert mmkern.dispatch.select("add_noise", x.device, inputs) == "triton"
-    inputs.update(original_samples=x.double(), noise=x.double())
-    assert mmkern.dispatch.select("add_noise", x.device, inputs) == "reference"
+    inputs = dict(samples=x, noise=x, timesteps=torch.tensor(3, device=DEVICE), alphas_cumprod=ac)
+    assert mmkern.dispatch.select("add_noise", mmkern.dispatch.problem("add_noise", **inputs)) == "triton"
+    inputs.update(samples=x.double(), noise=x.double())
+    assert mmkern.dispatch.select("add_noise", mmkern.dispatch.problem("add_noise", **inputs)) == "reference"
     with mmkern.backend("triton"), pytest.raises(mmkern.NoBackendError, match="samples has dtype torch.float64"):
         mmkern.diffusion.add_noise(x.double(), x.double(), 3, ac)
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import mmkern
+from mmkern.ops.norm_problem import build_norm_backward, build_norm_forward
 from mmkern.reference.precision import compute_in
 from mmkern.triton import norm as triton_norm
 from mmkern.verify import Case
@@ -237,13 +238,17 @@ def test_auto_dispatch_and_reasons():
     x = _randn(4, 16, dtype=f16)
     inputs = dict(x=x, residual=None, weight=None, bias=None, eps=1e-5, dropout_p=0.0, dropout_seed=None,
                   residual_in_fp32=False, is_rms_norm=False)
-    assert mmkern.dispatch.select("norm_residual_forward", x.device, inputs) == "triton"
-    assert mmkern.dispatch.select("norm_residual_forward", x.device, dict(inputs, x=x.double())) == "reference"
-    odd_stream = dict(inputs, x=x.float(), residual=x)        # fp32 x with an fp16 stream: not a compiled pair
+
+    def problem(**changes):
+        return mmkern.dispatch.problem("norm_residual_forward", **dict(inputs, **changes))
+
+    assert mmkern.dispatch.select("norm_residual_forward", problem()) == "triton"
+    assert mmkern.dispatch.select("norm_residual_forward", problem(x=x.double())) == "reference"
+    odd_stream = problem(x=x.float(), residual=x)        # fp32 x with an fp16 stream: not a compiled pair
     assert "residual stream has dtype torch.float16" in \
-        triton_norm.norm_forward_reasons(**odd_stream)[0]
+        triton_norm.norm_forward_reasons(odd_stream)[0]
     wide = _randn(1, 65537, dtype=f32)
-    assert "at most 65536" in triton_norm.norm_forward_reasons(**dict(inputs, x=wide))[0]
+    assert "at most 65536" in triton_norm.norm_forward_reasons(problem(x=wide))[0]
     with triton_backend, pytest.raises(mmkern.NoBackendError, match="x has dtype torch.float64"):
         mmkern.layer_norm_residual(x.double())
 
@@ -267,13 +272,15 @@ def test_bfloat16_outputs_are_the_float32_results_rounded_to_nearest_even(N):
     float32 kernels' outputs, bit for bit (Triton's interpreter truncates on its own; the kernels round as a GPU)."""
     x, residual = _randn(3, N, dtype=bf16), _randn(3, N, dtype=bf16)
     weight, bias, dout = _randn(N, dtype=f32), _randn(N, dtype=f32), _randn(3, N, dtype=bf16)
-    half = triton_norm.norm_forward(x, residual, weight, bias, 1e-5, 0.0, None, False, False)
-    full = triton_norm.norm_forward(x.float(), residual.float(), weight, bias, 1e-5, 0.0, None, False, False)
+    half = triton_norm.norm_forward(build_norm_forward(x, residual, weight, bias, 1e-5, 0.0, None, False, False))
+    full = triton_norm.norm_forward(build_norm_forward(x.float(), residual.float(), weight, bias, 1e-5, 0.0, None,
+                                                       False, False))
     for h, f in zip(half, full):
         assert torch.equal(h, f.to(h.dtype))
     pre = half[1]          # the backward reads the stored stream: give both the same values
-    half = triton_norm.norm_backward(dout, None, pre, weight, bias, None, None, 1e-5, 0.0, None, False, True, bf16)
-    full = triton_norm.norm_backward(dout.float(), None, pre.float(), weight, bias, None, None, 1e-5, 0.0, None,
-                                     False, True, f32)
+    half = triton_norm.norm_backward(build_norm_backward(dout, None, pre, weight, bias, None, None, 1e-5, 0.0, None,
+                                                         False, True, bf16))
+    full = triton_norm.norm_backward(build_norm_backward(dout.float(), None, pre.float(), weight, bias, None, None,
+                                                         1e-5, 0.0, None, False, True, f32))
     for h, f in zip(half, full):
         assert torch.equal(h, f.to(h.dtype))

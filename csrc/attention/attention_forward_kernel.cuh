@@ -14,7 +14,8 @@
 //       O += P V_j                   (P rounded to the input dtype straight from the S accumulators: the C
 //                                    fragments of two n-blocks are the A fragment of one k-step, see
 //                                    mma_primitives.cuh; V_j read with ldmatrix.trans)
-//   out = O / l (0 when l = 0: a row that sees no key);  lse = (m + log2 l) * ln 2 (-inf when l = 0).
+//   out = O / l (0 when l = 0: a row that sees no key);  lse = (m + log2 l) * ln 2: see row_lse for the rows
+//   whose l is 0 or NaN (the numerics contract of mmkern/ops/attention_problem.py).
 // Global memory traffic per CTA: Q and out once (64 x D each), K and V once per visited key block: the S x S
 // score matrix never leaves registers.
 //
@@ -37,6 +38,18 @@
 #include "attention/mma_primitives.cuh"
 
 namespace mmkern::attention {
+
+// lse of a row from its running max m (base-2 scaled scores) and sum l, per the numerics contract:
+//   l > 0    a normal row:                        (m + log2 l) * ln 2
+//   l == 0   the row saw no key:                  -inf (its out is 0)
+//   l NaN    a NaN score (fmaxf skips NaN, so m stays finite; 2^(NaN - m) = NaN)  -> NaN;
+//            or a +inf score (m = +inf, 2^(inf - inf) = NaN)                     -> +inf.
+//            (A row with both gives +inf; its out is NaN either way: O * (1 / l) with l NaN.)
+__device__ __forceinline__ float row_lse(float m, float l) {
+  if (l > 0.f) return m * 0.69314718055994531f + logf(l);
+  if (l == 0.f) return -INFINITY;
+  return m == INFINITY ? INFINITY : __int_as_float(0x7fffffff);
+}
 
 namespace mma = mmkern::cuda::mma;
 
@@ -254,14 +267,14 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Forwa
     const float l = mma::quad_sum(row_sum[rr]);
     const int row = row_lo + rr * 8;
     if (row >= q_len) continue;
-    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const float inv = l > 0.f ? 1.f / l : (l == 0.f ? 0.f : l);   // 0: no key seen; l NaN: out NaN (row_lse)
     E* out_row = out_base + static_cast<int64_t>(row) * p.o_row_stride + 2 * t;
 #pragma unroll
     for (int db = 0; db < kDBlocks; ++db) {
       *reinterpret_cast<uint32_t*>(out_row + db * 8) =
           mma::pack_floats<T>(o[db][2 * rr] * inv, o[db][2 * rr + 1] * inv);
     }
-    if (t == 0) lse_base[row] = l > 0.f ? row_max[rr] * 0.69314718055994531f + logf(l) : -INFINITY;
+    if (t == 0) lse_base[row] = row_lse(row_max[rr], l);
   }
 }
 

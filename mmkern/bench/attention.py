@@ -1,7 +1,8 @@
 """Attention implementations a user could call, side by side, each with the reason it cannot run here.
 
 Every implementation is `fn(q, k, v, causal) -> out` in its own layout:
-    "blhd"  (batch, seqlen, heads, head_dim): mmkern.flash_attn_func, flash-attn, xformers
+    "blhd"  (batch, seqlen, heads, head_dim): mmkern.flash_attn_func (mmkern_auto: auto dispatch;
+            mmkern_<backend>: forced onto that backend), flash-attn, xformers
     (mmkern_cuda: mmkern.flash_attn_func forced onto the cuda backend, the CUDA C++ flash attention of
     mmkern._C: fp16/bf16, head dims 64/96/128; a case it cannot take is skipped with the backend's reasons)
     "bhld"  (batch, heads, seqlen, head_dim): torch SDPA and the eager code
@@ -15,6 +16,7 @@ from its first call, which the benchmarks turn into a skip with torch's message.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 from dataclasses import dataclass
@@ -39,8 +41,22 @@ class Impl:
 
 SDPA_BACKENDS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION",
                  "sdpa_efficient": "EFFICIENT_ATTENTION", "sdpa_math": "MATH"}
-IMPLS = ("mmkern_cuda", "mmkern_triton", *SDPA_BACKENDS, "torch_eager", "torch_compile", "flash_attn", "xformers")
-DECODE_IMPLS = ("mmkern_cuda", "mmkern_triton", *SDPA_BACKENDS, "torch_eager", "flash_attn")
+# mmkern_<backend>: forced onto that backend; mmkern_auto: what auto dispatch picks (the never-slower rule:
+# at least as fast as the torch call it replaces, sdpa_* here)
+IMPLS = ("mmkern_auto", "mmkern_cuda", "mmkern_triton", "mmkern_torch", *SDPA_BACKENDS, "torch_eager", "torch_compile",
+         "flash_attn", "xformers")
+DECODE_IMPLS = ("mmkern_auto", "mmkern_cuda", "mmkern_triton", "mmkern_torch", *SDPA_BACKENDS, "torch_eager",
+                "flash_attn")
+
+
+def _forced(backend: str):
+    """mmkern.backend(backend), or nothing for "auto"; Unavailable when the backend is not usable here."""
+    if backend == "auto":
+        return contextlib.nullcontext()
+    reason = _mmkern_backend_reason(backend)
+    if reason:
+        raise Unavailable(reason)
+    return mmkern.backend(backend)
 
 
 def eager_attention(q, k, v, causal: bool):
@@ -71,13 +87,10 @@ def _sdpa_context(backend_name: str):
 def make_impl(name: str) -> Impl:
     """The implementation `name` (one of IMPLS), or Unavailable with the reason."""
     if name.startswith("mmkern_"):
-        backend = name[len("mmkern_"):]
-        reason = _mmkern_backend_reason(backend)
-        if reason:
-            raise Unavailable(reason)
+        forced = _forced(name[len("mmkern_"):])
 
         def run(q, k, v, causal):
-            with mmkern.backend(backend):
+            with forced:
                 return mmkern.flash_attn_func(q, k, v, causal=causal)
         return Impl(name, "blhd", run)
     if name in SDPA_BACKENDS:
@@ -111,13 +124,10 @@ def make_impl(name: str) -> Impl:
 def make_decode_impl(name: str) -> Impl:
     """Decode against a KV cache: fn(q, k_cache, v_cache, cache_seqlens) -> out (one of DECODE_IMPLS)."""
     if name.startswith("mmkern_"):
-        backend = name[len("mmkern_"):]
-        reason = _mmkern_backend_reason(backend)
-        if reason:
-            raise Unavailable(reason)
+        forced = _forced(name[len("mmkern_"):])
 
         def run(q, k_cache, v_cache, cache_seqlens):
-            with mmkern.backend(backend):
+            with forced:
                 return mmkern.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=cache_seqlens, causal=True)
         return Impl(name, "blhd", run)
     if name == "flash_attn":

@@ -32,7 +32,7 @@ from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from mmkern.diffusion import add_noise as _add_noise, get_velocity as _get_velocity
+from mmkern.diffusion.noising import add_noise as _add_noise, get_velocity as _get_velocity
 from mmkern.diffusion.sampling import (ddim_step, ddpm_step, euler_add_noise, euler_scale_model_input,
                                        euler_step)
 
@@ -84,10 +84,29 @@ class _AlphaTables:
         return _on(self._mm_cache(), "prev", device, lambda: self._mm_cache()["prev_cpu"])
 
     def add_noise(self, original_samples, noise, timesteps):
+        """diffusers' add_noise on mmkern.diffusion.add_noise, with the scheduler's float32 alphas_cumprod.
+
+        Arguments:
+            original_samples: (batch, ...), float16, bfloat16, float32 or float64.
+            noise: the shape and dtype of original_samples.
+            timesteps: an int, or an integer (or float: cast to int64) tensor, 0-d or (batch,), on any device
+                (moved to the samples' device); values in [0, num_train_timesteps - 1].
+        Return:
+            noisy_samples: the shape and dtype of original_samples.
+        """
         return _add_noise(original_samples, noise, _timestep_tensor(timesteps, original_samples.device),
                           self._mm_alphas_cumprod(original_samples.device))
 
     def get_velocity(self, sample, noise, timesteps):
+        """diffusers' get_velocity on mmkern.diffusion.get_velocity: sqrt(a_t) noise - sqrt(1 - a_t) sample.
+
+        Arguments:
+            sample: (batch, ...), float16, bfloat16, float32 or float64: the clean samples.
+            noise: the shape and dtype of sample.
+            timesteps: as in add_noise.
+        Return:
+            velocity: the shape and dtype of sample.
+        """
         return _get_velocity(sample, noise, _timestep_tensor(timesteps, sample.device),
                              self._mm_alphas_cumprod(sample.device))
 
@@ -102,6 +121,8 @@ class DDPMScheduler(_AlphaTables, diffusers.DDPMScheduler):
     """diffusers.DDPMScheduler with a fused, per-sample, sync-free step (see the module docstring)."""
 
     def set_timesteps(self, *args, **kwargs):
+        """diffusers' set_timesteps (same arguments: num_inference_steps, device, timesteps), then the
+        previous-timestep lookup table of the schedule, and the tables copied to `device`."""
         super().set_timesteps(*args, **kwargs)
         T = self.config.num_train_timesteps
         prev = torch.arange(-1, T - 1, dtype=torch.int64)              # without a schedule: t - 1
@@ -124,6 +145,19 @@ class DDPMScheduler(_AlphaTables, diffusers.DDPMScheduler):
         return torch.index_select(self._mm_prev_table(t.device), 0, t.reshape(-1)).reshape(t.shape)
 
     def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+        """One DDPM step on mmkern.diffusion.ddpm_step, without a host synchronisation.
+
+        Arguments:
+            model_output: (batch, C, ...) like sample, or (batch, 2C, ...) with a learned variance_type; cast to
+                sample's dtype.
+            timestep: an int, or a 0-d or (batch,) tensor (one timestep per sample), on any device.
+            sample: (batch, C, ...), float16, bfloat16, float32 or float64: x_t.
+            generator: None or a torch.Generator: draws the step's noise (randn_tensor, as diffusers).
+            return_dict: return a DDPMSchedulerOutput (True) or a tuple.
+        Return:
+            DDPMSchedulerOutput(prev_sample, pred_original_sample), or (prev_sample, pred_original_sample): each
+            the shape and dtype of sample.
+        """
         model_output = model_output.to(sample.dtype)        # (the kernels take one dtype; diffusers promotes)
         t = _timestep_tensor(timestep, sample.device)
         draw = _host_any_positive(timestep)
@@ -142,12 +176,29 @@ class DDIMScheduler(_AlphaTables, diffusers.DDIMScheduler):
     """diffusers.DDIMScheduler with a fused, per-sample, sync-free step (see the module docstring)."""
 
     def set_timesteps(self, *args, **kwargs):
+        """diffusers' set_timesteps (same arguments: num_inference_steps, device), and the table copied to
+        `device`."""
         super().set_timesteps(*args, **kwargs)
         if self.timesteps.device.type != "cpu":       # the table goes to the device here, not in the first step
             self._mm_alphas_cumprod(self.timesteps.device)
 
     def step(self, model_output, timestep, sample, eta=0.0, use_clipped_model_output=False, generator=None,
              variance_noise=None, return_dict=True):
+        """One DDIM step on mmkern.diffusion.ddim_step, without a host synchronisation.
+
+        Arguments:
+            model_output: the shape of sample; cast to sample's dtype.
+            timestep: an int, or a 0-d or (batch,) tensor (one timestep per sample), on any device.
+            sample: (batch, ...), float16, bfloat16, float32 or float64: x_t.
+            eta: a float >= 0: the weight of the noise (0: deterministic DDIM).
+            use_clipped_model_output: re-derive the noise from the clipped x_0 (bool).
+            generator: None or a torch.Generator: draws the noise when eta > 0 (randn_tensor, as diffusers).
+            variance_noise: None, or the shape of model_output: the noise itself, instead of a generator.
+            return_dict: return a DDIMSchedulerOutput (True) or a tuple.
+        Return:
+            DDIMSchedulerOutput(prev_sample, pred_original_sample), or (prev_sample, pred_original_sample): each
+            the shape and dtype of sample.
+        """
         if self.num_inference_steps is None:
             raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating "
                              "the scheduler")
@@ -183,6 +234,7 @@ class EulerDiscreteScheduler(diffusers.EulerDiscreteScheduler):
         return self.__dict__["_mm_tables"]
 
     def set_timesteps(self, *args, **kwargs):
+        """diffusers' set_timesteps (same arguments), then the sigma and index tables copied to `device`."""
         super().set_timesteps(*args, **kwargs)
         self.__dict__["_mm_tables"] = {}
         device = self.timesteps.device
@@ -207,7 +259,15 @@ class EulerDiscreteScheduler(diffusers.EulerDiscreteScheduler):
     def add_noise(self, original_samples, noise, timesteps):
         """x + sigma * noise with sigma gathered per sample inside the kernel. The step index of each
         timestep is found on the device (diffusers searches self.timesteps on the host for each one),
-        with diffusers' rule: the second match when a timestep occurs twice, else the first."""
+        with diffusers' rule: the second match when a timestep occurs twice, else the first.
+
+        Arguments:
+            original_samples: (batch, ...), float16, bfloat16, float32 or float64.
+            noise: the shape of original_samples (cast to its dtype).
+            timesteps: a tensor of timesteps of the schedule (self.timesteps' values), 0-d or (batch,).
+        Return:
+            noisy_samples: the shape and dtype of original_samples.
+        """
         device = original_samples.device
         if self.begin_index is None:
             schedule = _on(self._mm_cache(), "timesteps", device, lambda: self.timesteps.cpu())
@@ -222,6 +282,14 @@ class EulerDiscreteScheduler(diffusers.EulerDiscreteScheduler):
         return euler_add_noise(original_samples, noise.to(original_samples.dtype), index, self._mm_sigmas(device))
 
     def scale_model_input(self, sample, timestep):
+        """sample / sqrt(sigma^2 + 1) on mmkern.diffusion.euler_scale_model_input.
+
+        Arguments:
+            sample: (batch, ...), float16, bfloat16, float32 or float64.
+            timestep: one of self.timesteps (a float or 0-d tensor), or a (batch,) tensor of them (per sample).
+        Return:
+            scaled: the shape and dtype of sample.
+        """
         out = euler_scale_model_input(sample, self._mm_index(timestep, sample.device),
                                       self._mm_sigmas(sample.device))
         self.is_scale_input_called = True
@@ -229,6 +297,20 @@ class EulerDiscreteScheduler(diffusers.EulerDiscreteScheduler):
 
     def step(self, model_output, timestep, sample, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0,
              generator=None, return_dict=True):
+        """One Euler step on mmkern.diffusion.euler_step (diffusers' arguments and results).
+
+        Arguments:
+            model_output: the shape of sample, any float dtype (computed in the promotion of both dtypes).
+            timestep: one of self.timesteps (a float or 0-d float tensor; not an integer index), or a (batch,)
+                tensor of them (per sample: the step index is found per sample and not advanced).
+            sample: (batch, ...), float16, bfloat16, float32 or float64.
+            s_churn, s_tmin, s_tmax, s_noise: floats: Karras' churn (see mmkern.diffusion.euler_step).
+            generator: None or a torch.Generator: draws the churn noise.
+            return_dict: return an EulerDiscreteSchedulerOutput (True) or a tuple.
+        Return:
+            EulerDiscreteSchedulerOutput(prev_sample, pred_original_sample), or the tuple: prev_sample the shape
+            and dtype of model_output, pred_original_sample at least float32.
+        """
         if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
             raise ValueError("Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to "
                              "`EulerDiscreteScheduler.step()` is not supported. Make sure to pass one of the "

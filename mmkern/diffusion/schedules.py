@@ -23,7 +23,14 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 
 def betas_for_alpha_bar(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
     """The cosine schedule (Nichol & Dhariwal, "squaredcos_cap_v2"): betas that discretise
-    alpha_bar(t) = cos((t + 0.008) / 1.008 * pi / 2)^2, each capped at max_beta."""
+    alpha_bar(t) = cos((t + 0.008) / 1.008 * pi / 2)^2, each capped at max_beta.
+
+    Arguments:
+        num_train_timesteps: T, an int >= 1.
+        max_beta: a float: the cap on each beta (diffusers' 0.999).
+    Return:
+        betas: (T,) float64, on the CPU.
+    """
     def alpha_bar(t: float) -> float:
         return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
     T = num_train_timesteps
@@ -34,7 +41,13 @@ def betas_for_alpha_bar(num_train_timesteps: int, max_beta: float = 0.999) -> to
 def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     """Rescale betas so the last timestep has zero SNR (Lin et al. 2023, "Common Diffusion Noise
     Schedules and Sample Steps are Flawed", algorithm 1): shift sqrt(a_t) so its last value is 0
-    and scale it so its first value is unchanged."""
+    and scale it so its first value is unchanged.
+
+    Arguments:
+        betas: (T,) float tensor (any float dtype; computed in float64), T >= 2.
+    Return:
+        betas: (T,) float64, on betas' device; the last is 1 (a_{T-1} = 0).
+    """
     sqrt_ac = torch.cumprod(1 - betas.double(), 0).sqrt()
     first, last = sqrt_ac[0].clone(), sqrt_ac[-1].clone()
     sqrt_ac = (sqrt_ac - last) * (first / (first - last))
@@ -46,7 +59,19 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
 def make_betas(num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
                beta_schedule: str = "linear", trained_betas: Sequence[float] | torch.Tensor | None = None,
                rescale_betas_zero_snr: bool = False) -> torch.Tensor:
-    """betas (T,) float64, with diffusers' argument names and meanings."""
+    """The betas of a schedule, with diffusers' argument names and meanings (its schedulers' __init__).
+
+    Arguments:
+        num_train_timesteps: T, an int >= 1 (ignored with trained_betas).
+        beta_start, beta_end: floats: the first and last beta of "linear", "scaled_linear" and "sigmoid".
+        beta_schedule: "linear", "scaled_linear" (linear in sqrt(beta): latent diffusion), "squaredcos_cap_v2"
+            (cosine, betas_for_alpha_bar) or "sigmoid" (GeoDiff).
+        trained_betas: None, or a sequence of floats / a tensor of any shape (flattened): the betas as given,
+            in place of a schedule.
+        rescale_betas_zero_snr: rescale to zero terminal SNR (rescale_zero_terminal_snr) (bool).
+    Return:
+        betas: (T,) float64 (T = len(trained_betas) when given), on the CPU (trained_betas: on its device).
+    """
     fn = "mmkern.diffusion.make_betas"
     if trained_betas is not None:
         betas = torch.as_tensor(trained_betas, dtype=torch.float64).flatten().clone()
@@ -70,19 +95,37 @@ def make_betas(num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta
 
 
 def alphas_cumprod_from_betas(betas: torch.Tensor) -> torch.Tensor:
-    """a_t = prod_{s<=t} (1 - beta_s), float64."""
+    """a_t = prod_{s<=t} (1 - beta_s): the signal fraction of x_t.
+
+    Arguments:
+        betas: (T,) float tensor (any float dtype; computed in float64).
+    Return:
+        alphas_cumprod: (T,) float64, on betas' device.
+    """
     return torch.cumprod(1 - betas.double(), 0)
 
 
 def sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """sigma_t = sqrt((1 - a_t) / a_t), indexed by timestep (diffusers' Euler table is this, flipped,
-    with a 0 appended)."""
+    with a 0 appended).
+
+    Arguments:
+        alphas_cumprod: (T,) float tensor (any float dtype; computed in float64).
+    Return:
+        sigmas: (T,) float64, on alphas_cumprod's device (inf where a_t = 0).
+    """
     ac = alphas_cumprod.double()
     return ((1 - ac) / ac).sqrt()
 
 
 def snr_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """SNR_t = a_t / (1 - a_t) (inf where a_t = 1)."""
+    """SNR_t = a_t / (1 - a_t), the signal-to-noise ratio (Min-SNR weighting reads it).
+
+    Arguments:
+        alphas_cumprod: (T,) float tensor (any float dtype; computed in float64).
+    Return:
+        snr: (T,) float64, on alphas_cumprod's device (inf where a_t = 1).
+    """
     ac = alphas_cumprod.double()
     return ac / (1 - ac)
 
@@ -92,6 +135,11 @@ class NoiseSchedule:
 
     >>> s = NoiseSchedule(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     >>> x_t = mmkern.diffusion.add_noise(x0, noise, t, s.alphas_cumprod.to(x0.device))
+
+    Arguments: those of make_betas (num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+    rescale_betas_zero_snr).
+    Attributes, each (T,) float64:
+        betas, alphas (1 - betas), alphas_cumprod (a_t), sigmas (sqrt((1 - a_t) / a_t)), snr (a_t / (1 - a_t)).
     """
 
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
@@ -105,9 +153,12 @@ class NoiseSchedule:
 
     @property
     def num_train_timesteps(self) -> int:
+        """T, the number of timesteps (len(betas))."""
         return self.betas.shape[0]
 
     def to(self, device=None, dtype=None) -> "NoiseSchedule":
+        """Move (and/or cast) every table in place; returns self. device: a torch.device or str; dtype: a float
+        dtype (the kernels take float32 and float64 tables)."""
         for name in ("betas", "alphas", "alphas_cumprod", "sigmas", "snr"):
             setattr(self, name, getattr(self, name).to(device=device, dtype=dtype))
         return self

@@ -100,11 +100,8 @@ def _attention_reasons(backend: str, dtype) -> list[str]:
     """Why `backend` would refuse the tiny models' (causal, dense) attention forward in `dtype`."""
     device = _device(backend)
     q = torch.zeros(1, 2, 2, 64, dtype=dtype, device=device)         # (batch, seqlen, heads, head_dim 64)
-    inputs = dict(q=q, k=q, v=q, cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, max_seqlen_q=2,
-                  max_seqlen_k=2, softmax_scale=64 ** -0.5, causal=True, causal_bottom_right=True, window_left=-1,
-                  window_right=-1, softcap=0.0, alibi_slopes=None, attn_mask=None, dropout_p=0.0, dropout_seed=None,
-                  deterministic=False)
-    return dispatch.not_supported_reasons("attention_forward", backend, device, inputs)
+    problem = dispatch.problem("attention_forward", q=q, k=q, v=q, softmax_scale=64 ** -0.5, causal=True)
+    return dispatch.not_supported_reasons("attention_forward", backend, problem)
 
 
 def _enter(context) -> None:

@@ -1,13 +1,13 @@
 """The `cpu` and `cuda` backends: the C++ / CUDA kernels of the compiled extension mmkern._C.
 
-mmkern._C is built from csrc/ by `mmkern build` (see mmkern/build.py); loading it registers its
+mmkern._C is built from csrc/ by `mmkern build` (see mmkern/build/); loading it registers its
 ops with the torch dispatcher as torch.ops.mmkern_C.* (CPU kernels always, CUDA kernels when the
 build had nvcc). Nothing here raises at `import mmkern`: the extension is loaded the first time
 a backend asks, and a missing, stale or broken build becomes a *reason* (`extension_reasons()`,
 shown by `mmkern info`), never an exception.
 
 Registration is lazy, as for the triton backend: KERNELS names, per op, the module of
-mmkern/native/ holding its adapter and the adapter's `run(**inputs)` and `reasons(**inputs)`;
+mmkern/native/ holding its adapter and the adapter's `run(problem)` and `reasons(problem)`;
 the module is imported the first time the dispatcher asks about the op. The same adapters serve
 both backends (the tensors' device picks the dispatcher key).
 
@@ -25,7 +25,7 @@ import importlib.util
 import sys
 import threading
 
-from mmkern.dispatch import forget_environment, register_kernel
+from mmkern.dispatch import forget_environment, register_lazy
 
 # op -> (module of mmkern/native/, run function, reasons function[, backends: default both])
 KERNELS = {
@@ -55,25 +55,25 @@ _state: dict = {}      # "module" (the loaded extension) or "reason" (why it is 
 # --------------------------------------------------------------------------- loading
 
 def find_build():
-    """(directory, .so path) of the first built extension found (mmkern/build.py:candidate_dirs), or None."""
-    from mmkern import build
+    """(directory, .so path) of the first built extension found (mmkern/build/paths.py:candidate_dirs), or None."""
+    from mmkern.build.paths import candidate_dirs, so_name
 
-    for directory in build.candidate_dirs():
-        path = directory / build.so_name()
+    for directory in candidate_dirs():
+        path = directory / so_name()
         if path.is_file():
             return directory, path
     return None
 
 
 def _load():
-    from mmkern import build
+    from mmkern.build.stamp import read_stamp, stale_reason
 
     found = find_build()
     if found is None:
         return None, ("the compiled extension mmkern._C is not built in this install (run `mmkern build`; "
                       "from a checkout: pip install -e . && mmkern build)")
     directory, path = found
-    stale = build.stale_reason(build.read_stamp(directory))
+    stale = stale_reason(read_stamp(directory))
     if stale is not None:
         return None, f"the build of mmkern._C at {path} is stale: {stale}; run `mmkern build`"
     if "mmkern._C" in sys.modules:
@@ -124,10 +124,10 @@ def extension_reasons() -> list[str]:
 
 def stamp() -> dict | None:
     """The build stamp of the loaded (or found) extension: torch version, CUDA archs, ptxas report."""
-    from mmkern import build
+    from mmkern.build.stamp import read_stamp
 
     found = find_build()
-    return None if found is None else build.read_stamp(found[0])
+    return None if found is None else read_stamp(found[0])
 
 
 def _loaded_stamp() -> dict:
@@ -197,40 +197,6 @@ def missing_op_reasons(*names: str, device=None) -> list[str]:
 
 # --------------------------------------------------------------------------- registration
 
-def _lazy_run(module: str, function: str):
-    resolved = []           # the adapter function, imported on the first call (the dispatcher calls per op call)
-
-    def run(**inputs):
-        if not resolved:
-            resolved.append(getattr(importlib.import_module(f"mmkern.native.{module}"), function))
-        return resolved[0](**inputs)
-    run.__qualname__ = f"mmkern.native.{module}.{function}"
-    return run
-
-
-def _lazy_reasons(module: str, function: str):
-    resolved = []
-
-    def reasons(**inputs):
-        if resolved:
-            return resolved[0](**inputs)
-        name = f"mmkern.native.{module}"
-        try:
-            adapter = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            return [f"{name} is not written yet (no adapter for this op)"]
-        fn = getattr(adapter, function, None)
-        if fn is None:
-            return [f"{name} has no {function}()"]
-        resolved.append(fn)
-        return fn(**inputs)
-    reasons.__qualname__ = f"mmkern.native.{module}.{function}"
-    return reasons
-
-
 for _backend in BACKENDS:
-    for _op, (_module, _run, _reasons, *_only) in KERNELS.items():
-        if _backend in (_only[0] if _only else BACKENDS):
-            register_kernel(_op, _backend, _lazy_run(_module, _run), _lazy_reasons(_module, _reasons))
+    register_lazy(_backend, "mmkern.native", {op: entry[:3] for op, entry in KERNELS.items()
+                                              if _backend in (entry[3] if len(entry) > 3 else BACKENDS)})

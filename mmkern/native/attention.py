@@ -25,81 +25,64 @@ def _int32(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.to(torch.int32).contiguous()
 
 
-def _feature_reasons(q, k, v, seqused_k, causal, causal_bottom_right, window_left, window_right, softcap, alibi_slopes,
-                     attn_mask, dropout_p) -> list[str]:
+def _feature_reasons(p) -> list[str]:
     reasons = []
-    for name, t in (("q", q), ("k", k), ("v", v)):
+    for name, t in (("q", p.q), ("k", p.k), ("v", p.v)):
         if t.dtype not in KERNEL_DTYPES:
             reasons.append(f"{name} has dtype {t.dtype}; the CUDA attention kernels take float16 and bfloat16")
-    if q.shape[-1] not in HEAD_DIMS:
-        reasons.append(f"head_dim {q.shape[-1]}; the CUDA attention kernels take head dims {HEAD_DIMS}")
-    if dropout_p > 0:
-        reasons.append(f"dropout_p = {dropout_p}; the CUDA attention kernels have no dropout")
-    if softcap > 0:
-        reasons.append(f"softcap = {softcap}; the CUDA attention kernels have no softcap")
-    right = -1 if causal else window_right
-    if window_left >= 0 or right >= 0:
-        reasons.append(f"window_size = ({window_left}, {window_right}); the CUDA attention kernels have no sliding "
-                       "window")
-    if alibi_slopes is not None:
+    if p.head_dim not in HEAD_DIMS:
+        reasons.append(f"head_dim {p.head_dim}; the CUDA attention kernels take head dims {HEAD_DIMS}")
+    if p.dropout_p > 0:
+        reasons.append(f"dropout_p = {p.dropout_p}; the CUDA attention kernels have no dropout")
+    if p.softcap > 0:
+        reasons.append(f"softcap = {p.softcap}; the CUDA attention kernels have no softcap")
+    if p.windowed:
+        reasons.append(f"window_size = ({p.window_left}, {p.window_right}); the CUDA attention kernels have no "
+                       "sliding window")
+    if p.alibi_slopes is not None:
         reasons.append("alibi_slopes; the CUDA attention kernels have no ALiBi")
-    if attn_mask is not None:
+    if p.attn_mask is not None:
         reasons.append("attn_mask; the CUDA attention kernels take no explicit mask")
-    # dense, Lq == Lk and no seqused_k: top-left and bottom-right alignment are the same mask
-    same_alignment = q.dim() == 4 and q.shape[1] == k.shape[1] and seqused_k is None
-    if causal and not causal_bottom_right and not same_alignment:
+    if p.causal and not p.causal_bottom_right and not p.same_alignment:
         reasons.append("causal top-left aligned (torch SDPA's mask with Lq != Lk); the CUDA attention kernels align "
                        "the causal mask bottom-right (flash-attn's)")
+    if p.softmax_scale <= 0:
+        reasons.append(f"softmax_scale = {p.softmax_scale}; the CUDA attention kernels take a positive scale")
     return reasons
 
 
-def _reasons(op: str, q, k, v, seqused_k, causal, causal_bottom_right, window_left, window_right, softcap, alibi_slopes,
-             attn_mask, dropout_p) -> list[str]:
-    if q.device.type != "cuda":
+def _reasons(op: str, p) -> list[str]:
+    if p.device.type != "cuda":
         return [CUDA_ONLY]
-    return missing_op_reasons(op, device=q.device) + _feature_reasons(
-        q, k, v, seqused_k, causal, causal_bottom_right, window_left, window_right, softcap, alibi_slopes, attn_mask, dropout_p)
+    return missing_op_reasons(op, device=p.device) + _feature_reasons(p)
 
 
-def forward_reasons(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                    causal, causal_bottom_right, window_left, window_right, softcap, alibi_slopes, attn_mask,
-                    dropout_p, dropout_seed, deterministic) -> list[str]:
-    reasons = _reasons("attention_forward", q, k, v, seqused_k, causal, causal_bottom_right, window_left, window_right,
-                       softcap, alibi_slopes, attn_mask, dropout_p)
-    if softmax_scale <= 0 and q.device.type == "cuda":
-        reasons.append(f"softmax_scale = {softmax_scale}; the CUDA attention kernels take a positive scale")
+def forward_reasons(p) -> list[str]:
+    """Why the CUDA forward cannot take this AttentionProblem ([] = it can)."""
+    return _reasons("attention_forward", p)
+
+
+def backward_reasons(p) -> list[str]:
+    reasons = _reasons("attention_backward", p)
+    if p.device.type == "cuda" and p.dout.dtype != p.q.dtype:
+        reasons.append(f"dout has dtype {p.dout.dtype}, not q's {p.q.dtype}")
     return reasons
 
 
-def backward_reasons(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
-                     max_seqlen_k, softmax_scale, causal, causal_bottom_right, window_left, window_right, softcap,
-                     alibi_slopes, attn_mask, dropout_p, dropout_seed, deterministic,
-                     attn_mask_needs_grad) -> list[str]:
-    reasons = _reasons("attention_backward", q, k, v, seqused_k, causal, causal_bottom_right, window_left, window_right,
-                       softcap, alibi_slopes, attn_mask, dropout_p)
-    if q.device.type == "cuda" and dout.dtype != q.dtype:
-        reasons.append(f"dout has dtype {dout.dtype}, not q's {q.dtype}")
-    if softmax_scale <= 0 and q.device.type == "cuda":
-        reasons.append(f"softmax_scale = {softmax_scale}; the CUDA attention kernels take a positive scale")
-    return reasons
+def attention_forward(p):
+    """Kernel of mmkern::attention_forward: (out like q, lse float32), see mmkern/ops/attention_problem.py."""
+    return cpp_op("attention_forward")(p.q, p.k, p.v, _int32(p.cu_seqlens_q), _int32(p.cu_seqlens_k),
+                                       _int32(p.seqused_k), int(p.max_seqlen_q), int(p.max_seqlen_k),
+                                       float(p.softmax_scale), bool(p.causal))
 
 
-def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                      causal, causal_bottom_right, window_left, window_right, softcap, alibi_slopes, attn_mask,
-                      dropout_p, dropout_seed, deterministic):
-    """Kernel of mmkern::attention_forward: (out like q, lse float32), see mmkern/ops/attention.py."""
-    return cpp_op("attention_forward")(q, k, v, _int32(cu_seqlens_q), _int32(cu_seqlens_k), _int32(seqused_k),
-                                       int(max_seqlen_q), int(max_seqlen_k), float(softmax_scale), bool(causal))
-
-
-def attention_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
-                       max_seqlen_k, softmax_scale, causal, causal_bottom_right, window_left, window_right, softcap,
-                       alibi_slopes, attn_mask, dropout_p, dropout_seed, deterministic, attn_mask_needs_grad):
+def attention_backward(p):
     """Kernel of mmkern::attention_backward: (dq, dk, dv, d_mask), d_mask empty (the kernels take no mask)."""
     dq, dk, dv = cpp_op("attention_backward")(
-        dout, q, k, v, out, lse, dlse, _int32(cu_seqlens_q), _int32(cu_seqlens_k), _int32(seqused_k),
-        int(max_seqlen_q), int(max_seqlen_k), float(softmax_scale), bool(causal), bool(deterministic))
-    return dq, dk, dv, q.new_empty((0,))
+        p.dout, p.q, p.k, p.v, p.out, p.lse, p.dlse, _int32(p.cu_seqlens_q), _int32(p.cu_seqlens_k),
+        _int32(p.seqused_k), int(p.max_seqlen_q), int(p.max_seqlen_k), float(p.softmax_scale), bool(p.causal),
+        bool(p.deterministic))
+    return dq, dk, dv, p.q.new_empty((0,))
 
 
 __all__ = ["attention_forward", "attention_backward", "forward_reasons", "backward_reasons", "KERNEL_DTYPES",

@@ -10,7 +10,7 @@ Dynamic thresholding needs a per-sample quantile of |x0| that no streaming pass 
 path, diffusion_alpha_x0 writes x0 in fp32, torch.quantile runs on the device (no host sync), and the
 step kernel takes the per-sample scale s (B,).
 
-Each run function takes the keyword inputs of the matching Triton function; `reasons` lists what the
+Each run function takes the op's problem record (mmkern/ops/diffusion*.py); `reasons(problem)` lists what the
 kernels do not take (float64 samples: the reference backend) and what the loaded build lacks.
 """
 from __future__ import annotations
@@ -18,6 +18,10 @@ from __future__ import annotations
 import torch
 
 from mmkern import native
+from mmkern.ops.diffusion_loss_problem import LossProblem
+from mmkern.ops.diffusion_problem import NoiseMixProblem
+from mmkern.ops.diffusion_samplers_problem import (DDIMProblem, DDPMProblem, EulerAddNoiseProblem, EulerScaleProblem,
+                                                   EulerStepProblem)
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 QUANTILE_LIMIT = 2 ** 24       # torch.quantile's input limit: larger batches go through it in chunks of samples
@@ -34,20 +38,36 @@ CPP_OPS = {
     "euler_scale_model_input": ("diffusion_euler_scale_model_input",),
     "euler_add_noise": ("diffusion_euler_add_noise",),
 }
-_SAMPLE_NAMES = ("original_samples", "sample", "model_output")
 
 
-def reasons(**inputs) -> list[str]:
-    """Why the C++ kernels cannot take these inputs ([] = they can). The op is found from the inputs'
-    names: the dispatcher calls this one function for every diffusion op."""
-    samples_name = next((n for n in _SAMPLE_NAMES if isinstance(inputs.get(n), torch.Tensor)), None)
-    if samples_name is None:
-        return ["no sample tensor among the inputs"]
-    samples = inputs[samples_name]
+def _op_of(problem) -> str:
+    """The mmkern op a record is for (one reasons function serves every diffusion op)."""
+    if isinstance(problem, NoiseMixProblem):
+        return problem.op
+    if isinstance(problem, LossProblem):
+        return "diffusion_loss_backward" if problem.backward else "diffusion_loss"
+    return {DDPMProblem: "ddpm_step", DDIMProblem: "ddim_step", EulerStepProblem: "euler_step",
+            EulerScaleProblem: "euler_scale_model_input", EulerAddNoiseProblem: "euler_add_noise"}[type(problem)]
+
+
+def _samples(problem) -> tuple[str, torch.Tensor]:
+    """(name, tensor) of the samples whose dtype the kernels run in, as the op's errors name them."""
+    if isinstance(problem, NoiseMixProblem):
+        return problem.samples_name, problem.samples
+    if isinstance(problem, LossProblem):
+        return "model_output", problem.model_output
+    if isinstance(problem, EulerAddNoiseProblem):
+        return "original_samples", problem.original_samples
+    return "sample", problem.sample
+
+
+def reasons(problem) -> list[str]:
+    """Why the C++ kernels cannot take this problem ([] = they can)."""
+    samples_name, samples = _samples(problem)
     out = []
     if samples.dtype not in KERNEL_DTYPES:
         out.append(f"{samples_name} has dtype {samples.dtype}; the C++ kernels take float16, bfloat16 and float32")
-    out += _missing(_cpp_ops_for(inputs), samples.device.type)
+    out += _missing(CPP_OPS[_op_of(problem)], samples.device.type)
     return out
 
 
@@ -64,48 +84,31 @@ def _missing(ops: tuple[str, ...], device_type: str) -> list[str]:
     return missing
 
 
-def _cpp_ops_for(inputs) -> tuple[str, ...]:
-    if "grad" in inputs:
-        return CPP_OPS["diffusion_loss_backward"]
-    if "prediction_type" in inputs and "original_samples" in inputs:
-        return CPP_OPS["diffusion_loss"]
-    if "variance_type" in inputs:
-        return CPP_OPS["ddpm_step"]
-    if "eta" in inputs:
-        return CPP_OPS["ddim_step"]
-    if "gamma" in inputs:
-        return CPP_OPS["euler_step"]
-    if "sigmas" in inputs:
-        return CPP_OPS["euler_add_noise"] if "noise" in inputs else CPP_OPS["euler_scale_model_input"]
-    return CPP_OPS["add_noise"] if "original_samples" in inputs else CPP_OPS["get_velocity"]
-
-
 def _c(t):
     return None if t is None else t.contiguous()
 
 
 # --------------------------------------------------------------------------- noise schedule
 
-def add_noise(original_samples, noise, timesteps, alphas_cumprod):
-    return native.cpp_op("diffusion_add_noise")(_c(original_samples), _c(noise), _c(timesteps), _c(alphas_cumprod))
+def add_noise(p):
+    return native.cpp_op("diffusion_add_noise")(_c(p.samples), _c(p.noise), _c(p.timesteps), _c(p.alphas_cumprod))
 
 
-def get_velocity(sample, noise, timesteps, alphas_cumprod):
-    return native.cpp_op("diffusion_get_velocity")(_c(sample), _c(noise), _c(timesteps), _c(alphas_cumprod))
+def get_velocity(p):
+    return native.cpp_op("diffusion_get_velocity")(_c(p.samples), _c(p.noise), _c(p.timesteps), _c(p.alphas_cumprod))
 
 
 # --------------------------------------------------------------------------- loss
 
-def diffusion_loss(model_output, original_samples, noise, timesteps, alphas_cumprod, prediction_type, snr_gamma):
-    return native.cpp_op("diffusion_loss")(_c(model_output), _c(original_samples), _c(noise), _c(timesteps),
-                                           _c(alphas_cumprod), prediction_type, float(snr_gamma or 0.0))
+def diffusion_loss(p):
+    return native.cpp_op("diffusion_loss")(_c(p.model_output), _c(p.original_samples), _c(p.noise), _c(p.timesteps),
+                                           _c(p.alphas_cumprod), p.prediction_type, float(p.snr_gamma or 0.0))
 
 
-def diffusion_loss_backward(grad, model_output, original_samples, noise, timesteps, alphas_cumprod, prediction_type,
-                            snr_gamma):
+def diffusion_loss_backward(p):
     return native.cpp_op("diffusion_loss_backward")(
-        grad.to(torch.float32).contiguous(), _c(model_output), _c(original_samples), _c(noise), _c(timesteps),
-        _c(alphas_cumprod), prediction_type, float(snr_gamma or 0.0))
+        p.grad.to(torch.float32).contiguous(), _c(p.model_output), _c(p.original_samples), _c(p.noise),
+        _c(p.timesteps), _c(p.alphas_cumprod), p.prediction_type, float(p.snr_gamma or 0.0))
 
 
 # --------------------------------------------------------------------------- sampler steps
@@ -120,37 +123,37 @@ def _thresholds(model_output, sample, timesteps, alphas_cumprod, prediction_type
     return torch.cat(parts).clamp(1, sample_max_value).contiguous()
 
 
-def ddpm_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, noise, prediction_type, variance_type,
-              clip_sample_range, dynamic_thresholding_ratio, sample_max_value):
-    model_output, sample, timesteps, alphas_cumprod = _c(model_output), _c(sample), _c(timesteps), _c(alphas_cumprod)
-    threshold = _thresholds(model_output, sample, timesteps, alphas_cumprod, prediction_type,
-                            dynamic_thresholding_ratio, sample_max_value)
-    return native.cpp_op("diffusion_ddpm_step")(model_output, sample, timesteps, _c(prev_timesteps), alphas_cumprod,
-                                                _c(noise), threshold, prediction_type, variance_type,
-                                                float(clip_sample_range))
+def ddpm_step(p):
+    model_output, sample, timesteps, alphas_cumprod = _c(p.model_output), _c(p.sample), _c(p.timesteps), \
+        _c(p.alphas_cumprod)
+    threshold = _thresholds(model_output, sample, timesteps, alphas_cumprod, p.prediction_type,
+                            p.dynamic_thresholding_ratio, p.sample_max_value)
+    return native.cpp_op("diffusion_ddpm_step")(model_output, sample, timesteps, _c(p.prev_timesteps), alphas_cumprod,
+                                                _c(p.noise), threshold, p.prediction_type, p.variance_type,
+                                                float(p.clip_sample_range))
 
 
-def ddim_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, final_alpha_cumprod, eta, noise,
-              prediction_type, clip_sample_range, dynamic_thresholding_ratio, sample_max_value,
-              use_clipped_model_output):
-    model_output, sample, timesteps, alphas_cumprod = _c(model_output), _c(sample), _c(timesteps), _c(alphas_cumprod)
-    threshold = _thresholds(model_output, sample, timesteps, alphas_cumprod, prediction_type,
-                            dynamic_thresholding_ratio, sample_max_value)
-    return native.cpp_op("diffusion_ddim_step")(model_output, sample, timesteps, _c(prev_timesteps), alphas_cumprod,
-                                                float(final_alpha_cumprod), float(eta), _c(noise), threshold,
-                                                prediction_type, float(clip_sample_range),
-                                                bool(use_clipped_model_output))
+def ddim_step(p):
+    model_output, sample, timesteps, alphas_cumprod = _c(p.model_output), _c(p.sample), _c(p.timesteps), \
+        _c(p.alphas_cumprod)
+    threshold = _thresholds(model_output, sample, timesteps, alphas_cumprod, p.prediction_type,
+                            p.dynamic_thresholding_ratio, p.sample_max_value)
+    return native.cpp_op("diffusion_ddim_step")(model_output, sample, timesteps, _c(p.prev_timesteps), alphas_cumprod,
+                                                float(p.final_alpha_cumprod), float(p.eta), _c(p.noise), threshold,
+                                                p.prediction_type, float(p.clip_sample_range),
+                                                bool(p.use_clipped_model_output))
 
 
-def euler_step(model_output, sample, step_index, sigmas, noise, prediction_type, gamma, s_tmin, s_tmax, s_noise):
-    return native.cpp_op("diffusion_euler_step")(_c(model_output), _c(sample), _c(step_index), _c(sigmas), _c(noise),
-                                                 prediction_type, float(gamma), float(s_tmin), float(s_tmax),
-                                                 float(s_noise))
+def euler_step(p):
+    return native.cpp_op("diffusion_euler_step")(_c(p.model_output), _c(p.sample), _c(p.step_index), _c(p.sigmas),
+                                                 _c(p.noise), p.prediction_type, float(p.gamma), float(p.s_tmin),
+                                                 float(p.s_tmax), float(p.s_noise))
 
 
-def euler_scale_model_input(sample, step_index, sigmas):
-    return native.cpp_op("diffusion_euler_scale_model_input")(_c(sample), _c(step_index), _c(sigmas))
+def euler_scale_model_input(p):
+    return native.cpp_op("diffusion_euler_scale_model_input")(_c(p.sample), _c(p.step_index), _c(p.sigmas))
 
 
-def euler_add_noise(original_samples, noise, step_index, sigmas):
-    return native.cpp_op("diffusion_euler_add_noise")(_c(original_samples), _c(noise), _c(step_index), _c(sigmas))
+def euler_add_noise(p):
+    return native.cpp_op("diffusion_euler_add_noise")(_c(p.original_samples), _c(p.noise), _c(p.step_index),
+                                                      _c(p.sigmas))

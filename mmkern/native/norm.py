@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 
 from mmkern.native import cpp_op, missing_op_reasons
-from mmkern.reference.norm import residual_dtype
 
 MAX_N = 65536                 # widest row the kernels take (csrc/norm/norm.h kMaxN)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -44,8 +43,22 @@ def _dtype_reasons(**tensors) -> list[str]:
             for name, t in tensors.items() if t is not None and t.dtype not in KERNEL_DTYPES]
 
 
+_PRESENT: set = set()      # device types whose kernels the loaded build has (a loaded build does not change)
+
+
+def _missing(device: torch.device) -> list[str]:
+    """What the loaded build lacks for the norm ops on this device type; asked once per device type when nothing
+    is missing (asking costs ~10 us, on every call under auto dispatch otherwise)."""
+    if device.type in _PRESENT:
+        return []
+    missing = missing_op_reasons(*_OPS, device=device)
+    if not missing:
+        _PRESENT.add(device.type)
+    return missing
+
+
 def _reasons(device, x_dtype, stream_dtype, N, **tensors) -> list[str]:
-    reasons = missing_op_reasons(*_OPS, device=device)
+    reasons = _missing(device)
     reasons += _dtype_reasons(**tensors)
     if x_dtype in KERNEL_DTYPES and stream_dtype in KERNEL_DTYPES and stream_dtype not in (x_dtype, torch.float32):
         reasons.append(f"the residual stream has dtype {stream_dtype}; with x in {x_dtype} the compiled kernels take "
@@ -55,50 +68,50 @@ def _reasons(device, x_dtype, stream_dtype, N, **tensors) -> list[str]:
     return reasons
 
 
-def norm_forward_reasons(x, residual, weight, bias, eps, dropout_p, dropout_seed, residual_in_fp32, is_rms_norm,
-                         shift=None, scale=None) -> list[str]:
-    return _reasons(x.device, x.dtype, residual_dtype(x, residual, residual_in_fp32), x.shape[-1], x=x,
-                    residual=residual, weight=weight, bias=bias, shift=shift, scale=scale)
+def norm_forward_reasons(problem) -> list[str]:
+    p = problem
+    return _reasons(p.device, p.x.dtype, p.stream_dtype, p.N, x=p.x, residual=p.residual, weight=p.weight,
+                    bias=p.bias, shift=p.shift, scale=p.scale)
 
 
-def norm_backward_reasons(dout, dpre, pre, weight, bias, mean, rstd, eps, dropout_p, dropout_seed, is_rms_norm,
-                          has_residual, x_dtype, shift=None, scale=None) -> list[str]:
-    reasons = _reasons(pre.device, x_dtype, pre.dtype, pre.shape[-1], dout=dout, dpre=dpre, pre=pre, weight=weight,
-                       bias=bias, shift=shift, scale=scale)
-    if x_dtype not in KERNEL_DTYPES:
-        reasons.append(f"x had dtype {x_dtype}; the compiled kernels take float16, bfloat16 and float32")
-    if dout.dtype != x_dtype:
-        reasons.append(f"dout has dtype {dout.dtype}, not x's {x_dtype}")
-    if dpre is not None and dpre.dtype != pre.dtype:
-        reasons.append(f"dpre has dtype {dpre.dtype}, not pre's {pre.dtype}")
+def norm_backward_reasons(problem) -> list[str]:
+    p = problem
+    reasons = _reasons(p.device, p.x_dtype, p.stream_dtype, p.N, dout=p.dout, dpre=p.dpre, pre=p.pre,
+                       weight=p.weight, bias=p.bias, shift=p.shift, scale=p.scale)
+    if p.x_dtype not in KERNEL_DTYPES:
+        reasons.append(f"x had dtype {p.x_dtype}; the compiled kernels take float16, bfloat16 and float32")
+    if p.dout.dtype != p.x_dtype:
+        reasons.append(f"dout has dtype {p.dout.dtype}, not x's {p.x_dtype}")
+    if p.dpre is not None and p.dpre.dtype != p.pre.dtype:
+        reasons.append(f"dpre has dtype {p.dpre.dtype}, not pre's {p.pre.dtype}")
     return reasons
 
 
-def norm_forward(x, residual, weight, bias, eps, dropout_p, dropout_seed, residual_in_fp32, is_rms_norm, shift=None,
-                 scale=None):
-    """Kernel of mmkern::norm_residual_forward: (out, pre, mean, rstd), see mmkern/ops/norm.py."""
-    return cpp_op("norm_forward")(_rows(x), _rows(residual), _float32(weight), _float32(bias), _float32(shift),
-                                  _float32(scale), float(eps), float(dropout_p), _seed(dropout_p, dropout_seed),
-                                  bool(residual_in_fp32), bool(is_rms_norm))
+def norm_forward(problem):
+    """Kernel of mmkern::norm_residual_forward: (out, pre, mean, rstd), see mmkern/ops/norm.py. (The C++ kernel
+    applies the same residual-stream rule as mmkern/ops/norm.py:residual_dtype from residual_in_fp32.)"""
+    p = problem
+    return cpp_op("norm_forward")(_rows(p.x), _rows(p.residual), _float32(p.weight), _float32(p.bias),
+                                  _float32(p.shift), _float32(p.scale), float(p.eps), float(p.dropout_p),
+                                  _seed(p.dropout_p, p.dropout_seed), bool(p.residual_in_fp32), bool(p.is_rms_norm))
 
 
-def norm_backward(dout, dpre, pre, weight, bias, mean, rstd, eps, dropout_p, dropout_seed, is_rms_norm,
-                  has_residual, x_dtype, shift=None, scale=None):
+def norm_backward(problem):
     """Kernel of mmkern::norm_residual_backward: (dx, d_residual, dweight, dbias, dshift, dscale).
     The row statistics are recomputed from the stored stream `pre` (mean and rstd are not read)."""
-    modulation = shift if shift is not None else scale
-    batch = 1 if modulation is None else modulation.shape[0]
+    p = problem
+    pre = p.pre
     dx, d_residual, dweight, dbias, dshift, dscale = cpp_op("norm_backward")(
-        _rows(dout), _rows(dpre), pre.contiguous(), _float32(weight), _float32(bias), _float32(scale), float(eps),
-        float(dropout_p), _seed(dropout_p, dropout_seed), bool(is_rms_norm), bool(has_residual), shift is not None,
-        batch, x_dtype)
+        _rows(p.dout), _rows(p.dpre), pre.contiguous(), _float32(p.weight), _float32(p.bias), _float32(p.scale),
+        float(p.eps), float(p.dropout_p), _seed(p.dropout_p, p.dropout_seed), bool(p.is_rms_norm),
+        bool(p.has_residual), p.shift is not None, 1 if p.batch is None else p.batch, p.x_dtype)
 
     def like(grad, t):    # float32 sums -> the parameter's dtype; absent: empty like the fake implementation's
         if t is None:
             return pre.new_empty((0,))
         return grad if grad.dtype == t.dtype else grad.to(t.dtype)
 
-    return dx, d_residual, like(dweight, weight), like(dbias, bias), like(dshift, shift), like(dscale, scale)
+    return dx, d_residual, like(dweight, p.weight), like(dbias, p.bias), like(dshift, p.shift), like(dscale, p.scale)
 
 
 def dropout_keep_mask(seed: int, shape: tuple[int, ...], dropout_p: float, device) -> torch.Tensor:

@@ -51,6 +51,7 @@ class _NormResidual(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """weight = 1, bias = 0 (as torch's LayerNorm / RMSNorm)."""
         if self.weight is not None:
             nn.init.ones_(self.weight)
         if self.bias is not None:
@@ -69,6 +70,18 @@ class _NormResidual(nn.Module):
         return None if t is None else t.reshape(-1)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, modulation=None):
+        """pre = dropout(x) + residual;  out = Norm(pre) * weight (+ bias) [* (1 + scale) + shift].
+
+        Arguments:
+            x: (..., *normalized_shape), float16, bfloat16, float32 or float64; the module's parameters must be
+                in x's dtype or float32 (a float32 module takes every dtype).
+            residual: None, or x's shape in any of those dtypes (the residual stream: pre takes its dtype).
+            modulation: None, or (shift, scale), each None or (batch, *normalized_shape) in x's dtype or float32,
+                with x = (batch, ..., *normalized_shape): adaLN, per sample b.
+        Return:
+            out: x's shape and dtype; with prenorm=True, (out, pre): pre x's shape, in residual's dtype (without a
+            residual: float32 with residual_in_fp32, else x's dtype). Dropout (dropout_p) in training mode only.
+        """
         shape = x.shape if isinstance(x, torch.Tensor) else None
         x2 = self._rows(x, "x")
         residual2 = None if residual is None else self._rows(residual, "residual")
@@ -82,12 +95,25 @@ class _NormResidual(nn.Module):
         return result.reshape(shape)
 
     def extra_repr(self) -> str:
+        """The constructor's arguments, for print(module) (as torch's modules)."""
         return (f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
                 f"dropout_p={self.dropout_p}, prenorm={self.prenorm}, residual_in_fp32={self.residual_in_fp32}")
 
 
 class LayerNormResidual(_NormResidual):
-    """torch.nn.LayerNorm(dropout(x) + residual), fused; see the module docstring."""
+    """torch.nn.LayerNorm(dropout(x) + residual), fused (mmkern.layer_norm_residual); see the module docstring.
+
+    Arguments:
+        normalized_shape: an int N or a sequence of ints: the trailing dimensions normalised (their product is
+            the kernel's row width).
+        eps: a float > 0, added to the variance.
+        elementwise_affine: learn `weight` (ones) and, with bias, `bias` (zeros), each of shape normalized_shape.
+        bias: with elementwise_affine, learn `bias` too.
+        dropout_p: a float in [0, 1): dropout on x before the residual add, in training mode only.
+        prenorm: forward returns (out, pre), the residual stream too (pre-norm transformers).
+        residual_in_fp32: without a residual, keep pre in float32.
+        device, dtype: of the parameters (torch's factory arguments; default float32 on the default device).
+    """
 
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
                  dropout_p: float = 0.0, prenorm: bool = False, residual_in_fp32: bool = False, device=None,
@@ -102,7 +128,17 @@ class LayerNormResidual(_NormResidual):
 
 
 class RMSNormResidual(_NormResidual):
-    """torch.nn.RMSNorm(dropout(x) + residual), fused; eps=None means torch.finfo(x.dtype).eps, as in torch."""
+    """torch.nn.RMSNorm(dropout(x) + residual), fused (mmkern.rms_norm_residual); see the module docstring.
+
+    Arguments:
+        normalized_shape: an int N or a sequence of ints: the trailing dimensions normalised.
+        eps: None (torch.finfo(x.dtype).eps at each call, as in torch) or a float > 0, added to the mean square.
+        elementwise_affine: learn `weight` (ones), of shape normalized_shape.
+        dropout_p: a float in [0, 1): dropout on x before the residual add, in training mode only.
+        prenorm: forward returns (out, pre), the residual stream too.
+        residual_in_fp32: without a residual, keep pre in float32.
+        device, dtype: of the parameters (default float32 on the default device).
+    """
 
     def __init__(self, normalized_shape, eps: float | None = None, elementwise_affine: bool = True,
                  dropout_p: float = 0.0, prenorm: bool = False, residual_in_fp32: bool = False, device=None,

@@ -1,15 +1,14 @@
 """Attention as torch ops: mmkern::attention_forward, mmkern::attention_backward, mmkern::kvcache_append.
 
-One forward/backward pair serves every public attention function (mmkern/attention.py):
-- dense:   q (B, Lq, H, D), k/v (B, Lk, H_kv, D); lse (B, H, Lq) float32
-- varlen:  q (total_q, H, D), k/v (total_k, H_kv, D), cu_seqlens_q/k (B + 1,) int32; lse (H, total_q)
-- kvcache: dense, with seqused_k (B,) int32 = number of valid keys per sequence
+One forward/backward pair serves every public attention function (mmkern/attention.py). Each call becomes
+one AttentionProblem (mmkern/ops/attention_problem.py: the layouts, the derived facts, the validation and
+the numerics contract every backend keeps), which dispatch hands to the chosen backend.
 Every output of these ops is a new contiguous tensor (backends must return them so).
 The forward takes the dropout seed as a tensor (drawn by the caller from torch's generator), so
 the op itself is deterministic and the backward regenerates the same mask from it.
 
-Validation lives here, called from both the real and the fake implementation, so bad input
-fails the same way in eager mode and while torch.compile traces.
+The record is built (and validated) by both the real and the fake implementation, so bad input fails the
+same way in eager mode and while torch.compile traces.
 """
 from __future__ import annotations
 
@@ -19,92 +18,11 @@ import torch
 from torch import Tensor
 
 from mmkern import dispatch
-from mmkern.ops._checks import (FLOAT_DTYPES, check_dim, check_dropout_p, check_same_device,
-                                check_same_dtype, check_tensor)
+from mmkern.ops import _eager as eager
+from mmkern.ops.attention_problem import AttentionProblem, KVCacheAppend, build
 
-MAX_HEAD_DIM = 256
+_FORWARD = "mmkern::attention_forward"
 
-
-def check_attention_inputs(fn: str, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
-                           causal, window_left, window_right, softcap, alibi_slopes, attn_mask, dropout_p) -> None:
-    """Shape/dtype/range checks (no data reads: safe on fake tensors)."""
-    varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
-    rank = 3 if varlen else 4
-    layout = "(total, heads, head_dim)" if varlen else "(batch, seqlen, heads, head_dim)"
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(fn, name, t, dtypes=FLOAT_DTYPES)
-        if t.dim() != rank:
-            raise ValueError(f"{fn}: {name} must be {rank}-D {layout}, got shape {tuple(t.shape)}")
-    check_same_dtype(fn, q=q, k=k, v=v)
-    check_same_device(fn, q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                      seqused_k=seqused_k, alibi_slopes=alibi_slopes, attn_mask=attn_mask)
-    H, D = q.shape[-2], q.shape[-1]
-    H_kv = k.shape[-2]
-    if D > MAX_HEAD_DIM or D < 1:
-        raise ValueError(f"{fn}: head_dim (q.shape[-1]) must be in 1..{MAX_HEAD_DIM}, got {D}")
-    check_dim(fn, "k", k, -1, D, "head_dim, as q")
-    check_dim(fn, "v", v, -1, D, "head_dim, as q")
-    check_dim(fn, "v", v, -2, H_kv, "heads, as k")
-    if H_kv < 1 or H % H_kv != 0:
-        raise ValueError(f"{fn}: the number of key/value heads ({H_kv}) must divide the number of query heads "
-                         f"({H}); got q {tuple(q.shape)}, k {tuple(k.shape)}")
-    check_dim(fn, "v", v, 0, k.shape[0], "as k")
-    if not varlen:
-        check_dim(fn, "k", k, 0, q.shape[0], "batch, as q")
-        check_dim(fn, "v", v, 1, k.shape[1], "seqlen, as k")
-    else:
-        for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-            check_tensor(fn, name, cu, dtypes=(torch.int32, torch.int64), ndim=1)
-            if cu.shape[0] < 1:
-                raise ValueError(f"{fn}: {name} must hold batch + 1 offsets (at least [0]), got shape {tuple(cu.shape)}")
-        if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0]:
-            raise ValueError(f"{fn}: cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1); got "
-                             f"{cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}")
-        for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{fn}: {name} must be an int >= 0, got {value!r}")
-    if seqused_k is not None:
-        check_tensor(fn, "cache_seqlens", seqused_k, dtypes=(torch.int32, torch.int64), ndim=1)
-        check_dim(fn, "cache_seqlens", seqused_k, 0, q.shape[0], "batch")
-    for name, value in (("window_size[0]", window_left), ("window_size[1]", window_right)):
-        if not isinstance(value, int) or value < -1:
-            raise ValueError(f"{fn}: {name} must be an int >= -1 (-1 = unbounded), got {value!r}")
-    if not isinstance(softcap, (int, float)) or softcap < 0:
-        raise ValueError(f"{fn}: softcap must be a float >= 0 (0 = off), got {softcap!r}")
-    check_dropout_p(fn, dropout_p)
-    if alibi_slopes is not None:
-        check_tensor(fn, "alibi_slopes", alibi_slopes, dtypes=(torch.float32,), ndim=(1, 2))
-        batch = (cu_seqlens_q.shape[0] - 1) if varlen else q.shape[0]
-        allowed = [(H,), (batch, H)]
-        if tuple(alibi_slopes.shape) not in allowed:
-            raise ValueError(f"{fn}: alibi_slopes must have shape (heads,) = ({H},) or (batch, heads) = "
-                             f"({batch}, {H}); got {tuple(alibi_slopes.shape)}")
-    if attn_mask is not None:
-        if varlen:
-            raise ValueError(f"{fn}: attn_mask is not supported with varlen inputs")
-        check_tensor(fn, "attn_mask", attn_mask, dtypes=(torch.bool, *FLOAT_DTYPES), ndim=4)
-        want = (q.shape[0], H, q.shape[1], k.shape[1])
-        if tuple(attn_mask.shape) != want:
-            raise ValueError(f"{fn}: attn_mask must broadcast to (batch, heads, seqlen_q, seqlen_k) = {want}; "
-                             f"got {tuple(attn_mask.shape)}")
-
-
-def check_varlen_values(fn: str, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> None:
-    """Checks that read cu_seqlens (one small device-to-host copy): eager calls only."""
-    for name, cu, packed, max_len, max_name in (("cu_seqlens_q", cu_seqlens_q, q, max_seqlen_q, "max_seqlen_q"),
-                                                 ("cu_seqlens_k", cu_seqlens_k, k, max_seqlen_k, "max_seqlen_k")):
-        offsets = cu.tolist()
-        if offsets[0] != 0 or any(b < a for a, b in zip(offsets[:-1], offsets[1:])):
-            raise ValueError(f"{fn}: {name} must start at 0 and never decrease; got {offsets}")
-        if offsets[-1] != packed.shape[0]:
-            raise ValueError(f"{fn}: {name}[-1] must equal the packed length {packed.shape[0]} "
-                             f"(shape[0] of {'q' if name.endswith('q') else 'k'}); got {offsets[-1]}")
-        longest = max((b - a for a, b in zip(offsets[:-1], offsets[1:])), default=0)
-        if longest > max_len:
-            raise ValueError(f"{fn}: {max_name} ({max_len}) is smaller than the longest sequence in {name} ({longest})")
-
-
-# --------------------------------------------------------------------------- forward
 
 @torch.library.custom_op("mmkern::attention_forward", mutates_args=())
 def attention_forward(
@@ -115,33 +33,17 @@ def attention_forward(
     softcap: float, alibi_slopes: Optional[Tensor], attn_mask: Optional[Tensor],
     dropout_p: float, dropout_seed: Optional[Tensor], deterministic: bool,
 ) -> tuple[Tensor, Tensor]:
-    """Returns (out like q, lse float32: (B, H, Lq) dense or (H, total_q) varlen)."""
-    fn = "mmkern::attention_forward"
-    check_attention_inputs(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
-                           causal, window_left, window_right, softcap, alibi_slopes, attn_mask, dropout_p)
-    if cu_seqlens_q is not None:
-        check_varlen_values(fn, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    return dispatch.call(
-        "attention_forward", q.device, q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-        seqused_k=seqused_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale,
-        causal=causal, causal_bottom_right=causal_bottom_right, window_left=window_left,
-        window_right=window_right, softcap=softcap, alibi_slopes=alibi_slopes, attn_mask=attn_mask,
-        dropout_p=dropout_p, dropout_seed=dropout_seed, deterministic=deterministic)
-
-
-def _lse_shape(q: Tensor, varlen: bool) -> tuple:
-    return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
+    """Returns (out like q, lse float32: (B, H, Lq) dense or (H, total_q) varlen); see AttentionProblem."""
+    problem = build(_FORWARD, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
+                    softmax_scale, causal, causal_bottom_right, window_left, window_right, softcap, alibi_slopes,
+                    attn_mask, dropout_p, dropout_seed, deterministic, read_values=True)
+    return dispatch.call("attention_forward", problem)
 
 
 @attention_forward.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-      causal_bottom_right, window_left, window_right, softcap, alibi_slopes, attn_mask, dropout_p,
-      dropout_seed, deterministic):
-    check_attention_inputs("mmkern::attention_forward", q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k,
-                           max_seqlen_q, max_seqlen_k, causal, window_left, window_right, softcap,
-                           alibi_slopes, attn_mask, dropout_p)
-    varlen = cu_seqlens_q is not None
-    return q.new_empty(q.shape), q.new_empty(_lse_shape(q, varlen), dtype=torch.float32)
+def _(*args):
+    problem = build(_FORWARD, *args)
+    return problem.q.new_empty(problem.q.shape), problem.q.new_empty(problem.lse_shape, dtype=torch.float32)
 
 
 # --------------------------------------------------------------------------- backward
@@ -156,14 +58,12 @@ def attention_backward(
     dropout_p: float, dropout_seed: Optional[Tensor], deterministic: bool, attn_mask_needs_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, d_attn_mask); d_attn_mask is (B, H, Lq, Lk) when asked for, else empty.
-    With deterministic=True a backend must give bitwise-identical results run to run."""
-    return dispatch.call(
-        "attention_backward", q.device, dout=dout, q=q, k=k, v=v, out=out, lse=lse, dlse=dlse,
-        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, max_seqlen_q=max_seqlen_q,
-        max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale, causal=causal,
-        causal_bottom_right=causal_bottom_right, window_left=window_left, window_right=window_right,
-        softcap=softcap, alibi_slopes=alibi_slopes, attn_mask=attn_mask, dropout_p=dropout_p,
-        dropout_seed=dropout_seed, deterministic=deterministic, attn_mask_needs_grad=attn_mask_needs_grad)
+    With deterministic=True a backend must give bitwise-identical results run to run.
+    The inputs are the forward's (validated there), so the record is built without checks."""
+    problem = build("mmkern::attention_backward", q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
+                    max_seqlen_k, softmax_scale, causal, causal_bottom_right, window_left, window_right, softcap,
+                    alibi_slopes, attn_mask, dropout_p, dropout_seed, deterministic, validate=False)
+    return dispatch.call("attention_backward", problem.with_gradients(dout, out, lse, dlse, attn_mask_needs_grad))
 
 
 @attention_backward.register_fake
@@ -250,10 +150,45 @@ def kvcache_append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, cache
         if longest > k_cache.shape[1]:
             raise ValueError(f"mmkern.flash_attn_with_kvcache: cache_seqlens + k.shape[1] must be <= the cache length "
                              f"{k_cache.shape[1]}; the largest is {longest}")
-    dispatch.call("kvcache_append", k_cache.device, k_cache=k_cache, v_cache=v_cache, k=k, v=v,
-                  cache_seqlens=cache_seqlens)
+    dispatch.call("kvcache_append", KVCacheAppend(k_cache, v_cache, k, v, cache_seqlens))
 
 
 @kvcache_append.register_fake
 def _(k_cache, v_cache, k, v, cache_seqlens):
     return None
+
+
+# what `attention()` and dispatch.problem() fill in for arguments a caller leaves out (optional tensors: None)
+_DEFAULTS = dict(max_seqlen_q=0, max_seqlen_k=0, softmax_scale=1.0, causal=False, causal_bottom_right=True,
+                 window_left=-1, window_right=-1, softcap=0.0, dropout_p=0.0, deterministic=False)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, **arguments) -> tuple[Tensor, Tensor]:
+    """mmkern::attention_forward called by keyword (the schema's names; what is left out takes _DEFAULTS or
+    None), through the eager fast path (mmkern/ops/_eager.py). The public functions call this."""
+    row = _DEFAULT_ROW.copy()
+    row[0], row[1], row[2] = q, k, v
+    try:
+        for name, value in arguments.items():
+            row[_INDEX[name]] = value
+    except KeyError as exc:
+        raise TypeError(f"mmkern::attention_forward has no argument {exc.args[0]!r}") from None
+    return eager.call(attention_forward, *row)
+
+
+_INDEX = {name: i for i, name in enumerate(_FORWARD_ARGS)}
+_DEFAULT_ROW = [_DEFAULTS.get(name) for name in _FORWARD_ARGS]
+
+
+def _forward_problem(**inputs) -> AttentionProblem:
+    inputs = {**_DEFAULTS, **inputs}
+    return build(_FORWARD, *(inputs.get(name) for name in _FORWARD_ARGS), read_values=True)
+
+
+def _backward_problem(dout, out, lse, dlse=None, attn_mask_needs_grad=False, **inputs) -> AttentionProblem:
+    return _forward_problem(**inputs).with_gradients(dout, out, lse, dlse, attn_mask_needs_grad)
+
+
+dispatch.define_problem("attention_forward", _forward_problem)
+dispatch.define_problem("attention_backward", _backward_problem)
+dispatch.define_problem("kvcache_append", KVCacheAppend)

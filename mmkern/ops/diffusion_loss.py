@@ -7,6 +7,9 @@
 model_output, original_samples, noise: (B, ...), one shape and dtype; timesteps 0-d or (B,) integers.
 The gradients for original_samples and noise (rarely wanted: the target is data) are written
 with plain torch ops from d model_output: the target is linear in them.
+
+Each call builds one LossProblem (mmkern/ops/diffusion_loss_problem.py: grad None for the forward; the checks
+and the loss's dtype `loss_dtype`), validated once, and hands it to the dispatcher.
 """
 from __future__ import annotations
 
@@ -14,66 +17,42 @@ import torch
 from torch import Tensor
 
 from mmkern import dispatch
-from mmkern.ops._checks import FLOAT_DTYPES, check_tensor
-from mmkern.ops.diffusion import check_schedule_inputs, check_timestep_values
-from mmkern.reference.diffusion import schedule_coefficients
-from mmkern.reference.diffusion_loss import loss_dtype
-
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+from mmkern.ops.diffusion_loss_problem import (PREDICTION_TYPES, LossProblem, build_loss,  # noqa: F401
+                                               build_loss_backward, check_loss_inputs, check_prediction_type,
+                                               loss_dtype)
+from mmkern.ops.diffusion_problem import schedule_coefficients
 
 
-def check_prediction_type(fn: str, prediction_type: str, allowed=PREDICTION_TYPES) -> None:
-    if prediction_type not in allowed:
-        raise ValueError(f"{fn}: prediction_type must be one of {', '.join(allowed)}; got {prediction_type!r}")
-
-
-def check_loss_inputs(fn, model_output, original_samples, noise, timesteps, alphas_cumprod, prediction_type):
-    check_schedule_inputs(fn, "original_samples", original_samples, noise, timesteps, alphas_cumprod)
-    check_tensor(fn, "model_output", model_output, dtypes=FLOAT_DTYPES)
-    if model_output.shape != original_samples.shape or model_output.dtype != original_samples.dtype:
-        raise ValueError(f"{fn}: model_output must have the shape and dtype of original_samples "
-                         f"({tuple(original_samples.shape)}, {original_samples.dtype}); got "
-                         f"{tuple(model_output.shape)}, {model_output.dtype}")
-    if model_output.device != original_samples.device:
-        raise ValueError(f"{fn}: all tensors must be on one device; got model_output on {model_output.device}, "
-                         f"original_samples on {original_samples.device}")
-    check_prediction_type(fn, prediction_type)
+dispatch.define_problem("diffusion_loss", build_loss)
+dispatch.define_problem("diffusion_loss_backward", build_loss_backward)
 
 
 @torch.library.custom_op("mmkern::diffusion_loss", mutates_args=())
 def diffusion_loss(model_output: Tensor, original_samples: Tensor, noise: Tensor, timesteps: Tensor,
                    alphas_cumprod: Tensor, prediction_type: str, snr_gamma: float) -> Tensor:
-    fn = "mmkern::diffusion_loss"
-    check_loss_inputs(fn, model_output, original_samples, noise, timesteps, alphas_cumprod, prediction_type)
-    check_timestep_values(fn, timesteps, alphas_cumprod)
-    return dispatch.call("diffusion_loss", model_output.device, model_output=model_output,
-                         original_samples=original_samples, noise=noise, timesteps=timesteps,
-                         alphas_cumprod=alphas_cumprod, prediction_type=prediction_type, snr_gamma=snr_gamma)
+    return dispatch.call("diffusion_loss", build_loss(model_output, original_samples, noise, timesteps,
+                                                      alphas_cumprod, prediction_type, snr_gamma))
 
 
 @diffusion_loss.register_fake
 def _(model_output, original_samples, noise, timesteps, alphas_cumprod, prediction_type, snr_gamma):
-    check_loss_inputs("mmkern::diffusion_loss", model_output, original_samples, noise, timesteps, alphas_cumprod,
-                      prediction_type)
-    return model_output.new_empty((), dtype=loss_dtype(model_output))
+    p = build_loss(model_output, original_samples, noise, timesteps, alphas_cumprod, prediction_type, snr_gamma,
+                   check_values=False)
+    return model_output.new_empty((), dtype=p.loss_dtype)
 
 
 @torch.library.custom_op("mmkern::diffusion_loss_backward", mutates_args=())
 def diffusion_loss_backward(grad: Tensor, model_output: Tensor, original_samples: Tensor, noise: Tensor,
                             timesteps: Tensor, alphas_cumprod: Tensor, prediction_type: str,
                             snr_gamma: float) -> Tensor:
-    fn = "mmkern::diffusion_loss_backward"
-    check_loss_inputs(fn, model_output, original_samples, noise, timesteps, alphas_cumprod, prediction_type)
-    check_tensor(fn, "grad", grad, dtypes=FLOAT_DTYPES, ndim=0)
-    return dispatch.call("diffusion_loss_backward", model_output.device, grad=grad, model_output=model_output,
-                         original_samples=original_samples, noise=noise, timesteps=timesteps,
-                         alphas_cumprod=alphas_cumprod, prediction_type=prediction_type, snr_gamma=snr_gamma)
+    return dispatch.call("diffusion_loss_backward", build_loss_backward(
+        grad, model_output, original_samples, noise, timesteps, alphas_cumprod, prediction_type, snr_gamma))
 
 
 @diffusion_loss_backward.register_fake
 def _(grad, model_output, original_samples, noise, timesteps, alphas_cumprod, prediction_type, snr_gamma):
-    check_loss_inputs("mmkern::diffusion_loss_backward", model_output, original_samples, noise, timesteps,
-                      alphas_cumprod, prediction_type)
+    build_loss_backward(grad, model_output, original_samples, noise, timesteps, alphas_cumprod, prediction_type,
+                        snr_gamma)
     return model_output.new_empty(model_output.shape)
 
 

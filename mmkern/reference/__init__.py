@@ -1,6 +1,7 @@
 """The reference backend: eager PyTorch computed in float64, complete for every op and feature.
 
-It is the oracle the other backends are tested against and never calls another backend.
+It is the oracle the other backends are tested against and never calls another backend. Every kernel
+takes the op's problem record (mmkern/ops/).
 """
 from mmkern.dispatch import register_kernel
 from mmkern.reference import attention, diffusion, norm

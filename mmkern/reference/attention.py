@@ -227,58 +227,55 @@ def _keep_mask(dropout_p, dropout_seed, q, k):
     return dropout_keep_mask(seed_value(dropout_seed), (B, H, Lq, k.shape[1]), dropout_p, q.device)
 
 
-def _masking(causal, causal_bottom_right, window_left, window_right, softcap, alibi_slopes, attn_mask):
-    return Masking(causal, causal_bottom_right, window_left, window_right, softcap, alibi_slopes, attn_mask)
+def _masking(p) -> Masking:
+    return Masking(p.causal, p.causal_bottom_right, p.window_left, p.window_right, p.softcap, p.alibi_slopes,
+                   p.attn_mask)
 
 
-def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-            causal, causal_bottom_right, window_left, window_right, softcap, alibi_slopes, attn_mask,
-            dropout_p, dropout_seed, deterministic):
-    """Kernel of mmkern::attention_forward: float64 math (see precision.py), output in q's dtype, lse float32."""
-    m = _masking(causal, causal_bottom_right, window_left, window_right, softcap, alibi_slopes, attn_mask)
-    qp, kp, vp, q_lens, k_lens = _as_padded(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k,
-                                            max_seqlen_q, max_seqlen_k, compute_dtype())
-    keep = _keep_mask(dropout_p, dropout_seed, qp, kp)
-    out, lse = attention_padded(qp, kp, vp, q_lens, k_lens, softmax_scale, m, dropout_p, keep)
-    if cu_seqlens_q is not None:
-        out = pack(out, cu_seqlens_q)
-        lse = pack(lse.transpose(1, 2), cu_seqlens_q).transpose(0, 1)       # (H, total_q)
-    return out.to(q.dtype).contiguous(), lse.float().contiguous()
+def forward(p):
+    """Kernel of mmkern::attention_forward (p: the op's AttentionProblem): float64 math (see precision.py),
+    output in q's dtype, lse float32."""
+    qp, kp, vp, q_lens, k_lens = _as_padded(p.q, p.k, p.v, p.cu_seqlens_q, p.cu_seqlens_k, p.seqused_k,
+                                            p.max_seqlen_q, p.max_seqlen_k, compute_dtype())
+    keep = _keep_mask(p.dropout_p, p.dropout_seed, qp, kp)
+    out, lse = attention_padded(qp, kp, vp, q_lens, k_lens, p.softmax_scale, _masking(p), p.dropout_p, keep)
+    if p.cu_seqlens_q is not None:
+        out = pack(out, p.cu_seqlens_q)
+        lse = pack(lse.transpose(1, 2), p.cu_seqlens_q).transpose(0, 1)       # (H, total_q)
+    return out.to(p.q.dtype).contiguous(), lse.float().contiguous()
 
 
-def backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
-             max_seqlen_k, softmax_scale, causal, causal_bottom_right, window_left, window_right, softcap,
-             alibi_slopes, attn_mask, dropout_p, dropout_seed, deterministic, attn_mask_needs_grad):
+def backward(p):
     """Kernel of mmkern::attention_backward: float64 math, gradients in their inputs' dtypes.
     (`out` and `lse` are recomputed in float64 rather than read: see attention_padded_backward.)"""
-    m = _masking(causal, causal_bottom_right, window_left, window_right, softcap, alibi_slopes, attn_mask)
-    qp, kp, vp, q_lens, k_lens = _as_padded(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k,
-                                            max_seqlen_q, max_seqlen_k, compute_dtype())
-    if cu_seqlens_q is not None:
-        doutp = unpack(up(dout), cu_seqlens_q, max_seqlen_q)
-        dlsep = None if dlse is None else unpack(up(dlse).transpose(0, 1), cu_seqlens_q,
-                                                  max_seqlen_q).transpose(1, 2)
+    q, k, v, cu_q = p.q, p.k, p.v, p.cu_seqlens_q
+    qp, kp, vp, q_lens, k_lens = _as_padded(q, k, v, cu_q, p.cu_seqlens_k, p.seqused_k, p.max_seqlen_q,
+                                            p.max_seqlen_k, compute_dtype())
+    if cu_q is not None:
+        doutp = unpack(up(p.dout), cu_q, p.max_seqlen_q)
+        dlsep = None if p.dlse is None else unpack(up(p.dlse).transpose(0, 1), cu_q,
+                                                    p.max_seqlen_q).transpose(1, 2)
     else:
-        doutp = up(dout)
-        dlsep = None if dlse is None else up(dlse)
-    keep = _keep_mask(dropout_p, dropout_seed, qp, kp)
-    dq, dk, dv, d_mask = attention_padded_backward(doutp, qp, kp, vp, dlsep, q_lens, k_lens, softmax_scale, m,
-                                                   dropout_p, keep)
-    if cu_seqlens_q is not None:
-        dq, dk, dv = pack(dq, cu_seqlens_q), pack(dk, cu_seqlens_k), pack(dv, cu_seqlens_k)
-    if attn_mask_needs_grad and d_mask is not None:
-        d_mask = d_mask.to(attn_mask.dtype)
+        doutp = up(p.dout)
+        dlsep = None if p.dlse is None else up(p.dlse)
+    keep = _keep_mask(p.dropout_p, p.dropout_seed, qp, kp)
+    dq, dk, dv, d_mask = attention_padded_backward(doutp, qp, kp, vp, dlsep, q_lens, k_lens, p.softmax_scale,
+                                                   _masking(p), p.dropout_p, keep)
+    if cu_q is not None:
+        dq, dk, dv = pack(dq, cu_q), pack(dk, p.cu_seqlens_k), pack(dv, p.cu_seqlens_k)
+    if p.attn_mask_needs_grad and d_mask is not None:
+        d_mask = d_mask.to(p.attn_mask.dtype)
     else:
         d_mask = q.new_empty((0,))
     return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous(), d_mask.contiguous()
 
 
-def kvcache_append(k_cache, v_cache, k, v, cache_seqlens):
+def kvcache_append(p):
     """Kernel of mmkern::kvcache_append: k_cache[b, cache_seqlens[b] + t] = k[b, t] (same for v), in place."""
-    Lnew = k.shape[1]
-    for b, start in enumerate(cache_seqlens.tolist()):
-        k_cache[b, start:start + Lnew] = k[b]
-        v_cache[b, start:start + Lnew] = v[b]
+    Lnew = p.k.shape[1]
+    for b, start in enumerate(p.cache_seqlens.tolist()):
+        p.k_cache[b, start:start + Lnew] = p.k[b]
+        p.v_cache[b, start:start + Lnew] = p.v[b]
 
 
 def default_softmax_scale(head_dim: int) -> float:

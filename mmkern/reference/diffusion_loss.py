@@ -10,17 +10,15 @@ where w_b = 1, or with Min-SNR-gamma weighting (Hang et al. 2023; SNR = a / (1 -
 (the right-hand forms are the same numbers without the divisions that give inf/NaN at a = 0 or 1).
 The mean over all elements equals diffusers' training scripts' "per-sample mean times weight, then
 mean over the batch" because every sample has the same number of elements.
+The loss is float32, float64 for float64 inputs (like F.mse_loss(pred.float(), target.float())), written
+out here: the oracle shares no dtype policy with the kernels (theirs is mmkern/ops/diffusion_loss.py).
+Each kernel takes the op's problem record (LossProblem) and reads only its schema arguments.
 """
 from __future__ import annotations
 
 import torch
 
 from mmkern.reference.precision import compute_dtype, up
-
-
-def loss_dtype(model_output: torch.Tensor) -> torch.dtype:
-    """The loss is float32 (float64 for float64 inputs), like F.mse_loss(pred.float(), target.float())."""
-    return torch.float64 if model_output.dtype == torch.float64 else torch.float32
 
 
 def _alpha(timesteps, alphas_cumprod, like):
@@ -47,18 +45,21 @@ def target(original_samples, noise, a, prediction_type):
     return up(original_samples)
 
 
-def forward(model_output, original_samples, noise, timesteps, alphas_cumprod, prediction_type, snr_gamma):
+def forward(problem):
     """Kernel of mmkern::diffusion_loss: the 0-d loss."""
-    a = _alpha(timesteps, alphas_cumprod, model_output)
-    w = min_snr_weight(a, prediction_type, snr_gamma)
-    diff = up(model_output) - target(original_samples, noise, a, prediction_type)
-    return (w * diff.square()).mean().to(loss_dtype(model_output))
+    p = problem
+    a = _alpha(p.timesteps, p.alphas_cumprod, p.model_output)
+    w = min_snr_weight(a, p.prediction_type, p.snr_gamma)
+    diff = up(p.model_output) - target(p.original_samples, p.noise, a, p.prediction_type)
+    out_dtype = torch.float64 if p.model_output.dtype == torch.float64 else torch.float32
+    return (w * diff.square()).mean().to(out_dtype)
 
 
-def backward(grad, model_output, original_samples, noise, timesteps, alphas_cumprod, prediction_type, snr_gamma):
+def backward(problem):
     """Kernel of mmkern::diffusion_loss_backward: d loss / d model_output = grad * 2 w (mo - target) / numel."""
-    a = _alpha(timesteps, alphas_cumprod, model_output)
-    w = min_snr_weight(a, prediction_type, snr_gamma)
-    diff = up(model_output) - target(original_samples, noise, a, prediction_type)
-    scale = 2.0 / max(model_output.numel(), 1)
-    return (up(grad) * scale * w * diff).to(model_output.dtype).contiguous()
+    p = problem
+    a = _alpha(p.timesteps, p.alphas_cumprod, p.model_output)
+    w = min_snr_weight(a, p.prediction_type, p.snr_gamma)
+    diff = up(p.model_output) - target(p.original_samples, p.noise, a, p.prediction_type)
+    scale = 2.0 / max(p.model_output.numel(), 1)
+    return (up(p.grad) * scale * w * diff).to(p.model_output.dtype).contiguous()

@@ -8,8 +8,10 @@ On rows of width N (x is (rows, N); the public functions flatten leading dimensi
     adaLN modulation (DiT): out = out * (1 + scale[sample]) + shift[sample], shift/scale (batch, N),
                       row r belongs to sample r // (rows // batch)  (x is (batch, ..., N) flattened)
 dtypes: out like x; pre like residual, or (without residual) float32 when residual_in_fp32 else
-like x. The normalisation reads the float64 sum, before it is rounded to pre's dtype.
-Computed in float64 unless precision.compute_in says otherwise.
+like x (written out here: the oracle shares no dtype policy with the kernels, mmkern/ops/norm.py holds
+theirs). The normalisation reads the float64 sum, before it is rounded to pre's dtype.
+Computed in float64 unless precision.compute_in says otherwise. Each kernel takes the op's problem
+record (mmkern/ops/norm.py) and reads only its schema arguments.
 """
 from __future__ import annotations
 
@@ -17,12 +19,6 @@ import torch
 
 from mmkern.reference.dropout import dropout_keep_mask, seed_value
 from mmkern.reference.precision import up
-
-
-def residual_dtype(x: torch.Tensor, residual: torch.Tensor | None, residual_in_fp32: bool) -> torch.dtype:
-    if residual is not None:
-        return residual.dtype
-    return torch.float32 if residual_in_fp32 else x.dtype
 
 
 def _keep_scale(dropout_p, dropout_seed, x):
@@ -52,10 +48,18 @@ def per_row(t: torch.Tensor | None, rows: int) -> torch.Tensor | None:
     return t.repeat_interleave(rows // batch, dim=0) if batch else t
 
 
-def forward(x, residual, weight, bias, eps, dropout_p, dropout_seed, residual_in_fp32, is_rms_norm, shift=None,
-            scale=None):
+def forward(problem):
     """Kernel of mmkern::norm_residual_forward. Returns (out, pre, mean, rstd); mean and rstd are
     float32 (rows,), mean is empty for RMSNorm."""
+    p = problem
+    x, residual, weight, bias, shift, scale = p.x, p.residual, p.weight, p.bias, p.shift, p.scale
+    eps, dropout_p, dropout_seed, is_rms_norm = p.eps, p.dropout_p, p.dropout_seed, p.is_rms_norm
+    if residual is not None:                       # the residual stream's dtype
+        stream_dtype = residual.dtype
+    elif p.residual_in_fp32:
+        stream_dtype = torch.float32
+    else:
+        stream_dtype = x.dtype
     keep_scale = _keep_scale(dropout_p, dropout_seed, x)
     pre = up(x) if keep_scale is None else up(x) * keep_scale
     if residual is not None:
@@ -72,12 +76,10 @@ def forward(x, residual, weight, bias, eps, dropout_p, dropout_seed, residual_in
         out = out + up(per_row(shift, x.shape[0]))
     mean = x.new_empty((0,), dtype=torch.float32) if mean is None else mean.squeeze(-1).float()
     # copy=True: with float64 inputs `pre` can be `x` itself, and an op's output may not alias an input
-    return (out.to(x.dtype).contiguous(), pre.to(residual_dtype(x, residual, residual_in_fp32), copy=True), mean,
-            rstd.squeeze(-1).float())
+    return out.to(x.dtype).contiguous(), pre.to(stream_dtype, copy=True), mean, rstd.squeeze(-1).float()
 
 
-def backward(dout, dpre, pre, weight, bias, mean, rstd, eps, dropout_p, dropout_seed, is_rms_norm, has_residual,
-             x_dtype, shift=None, scale=None):
+def backward(problem):
     """Kernel of mmkern::norm_residual_backward, from the stored residual stream `pre`:
 
         dy = dout * (1 + scale)    (dout without modulation; y = xhat * weight + bias)
@@ -89,6 +91,9 @@ def backward(dout, dpre, pre, weight, bias, mean, rstd, eps, dropout_p, dropout_
         d_residual = dpre,   dx = dpre * keep / (1 - p),   dweight = sum_rows dy * xhat,   dbias = sum_rows dy
     Returns (dx, d_residual, dweight, dbias, dshift, dscale); those without a matching input are empty.
     """
+    p = problem
+    dout, dpre, pre, weight, bias, shift, scale = p.dout, p.dpre, p.pre, p.weight, p.bias, p.shift, p.scale
+    eps, dropout_p, dropout_seed, is_rms_norm = p.eps, p.dropout_p, p.dropout_seed, p.is_rms_norm
     pre_c = up(pre)
     rows = pre.shape[0]
     xhat, _, rstd64 = _normalize(pre_c, eps, is_rms_norm)
@@ -107,7 +112,7 @@ def backward(dout, dpre, pre, weight, bias, mean, rstd, eps, dropout_p, dropout_
     def empty():  # a fresh one each time: an op's outputs may not alias each other
         return pre.new_empty((0,))
 
-    d_residual = d_pre.to(pre.dtype, copy=True) if has_residual else empty()   # never the same tensor as dx
+    d_residual = d_pre.to(pre.dtype, copy=True) if p.has_residual else empty()   # never the same tensor as dx
     dweight = (dy * xhat).sum(0).to(weight.dtype) if weight is not None else empty()
     dbias = dy.sum(0).to(bias.dtype) if bias is not None else empty()
 
@@ -123,4 +128,4 @@ def backward(dout, dpre, pre, weight, bias, mean, rstd, eps, dropout_p, dropout_
         dscale = per_sample_sum(dout_c * y, scale)
     else:
         dscale = empty()
-    return dx.to(x_dtype, copy=True), d_residual, dweight, dbias, dshift, dscale
+    return dx.to(p.x_dtype, copy=True), d_residual, dweight, dbias, dshift, dscale

@@ -2,19 +2,16 @@
 
 Registration is lazy: this file does not import triton. The table below names, per op, the
 module of mmkern/triton/ that holds its kernel and the two functions the dispatcher calls:
-`run(**inputs)` and `reasons(**inputs) -> list[str]` (why the kernel cannot take these inputs).
+`run(problem)` and `reasons(problem) -> list[str]` (why the kernel cannot take this problem record).
 A module is imported the first time the dispatcher asks about its op, which only happens when
 the backend's environment is usable (mmkern/backends.py).
 """
-import importlib
-
-from mmkern.dispatch import register_kernel
+from mmkern.dispatch import LazyFunction, register_kernel, register_lazy
 
 # op -> (module, run function, reasons function)
 KERNELS = {
     "attention_forward": ("attention", "forward", "forward_reasons"),
     "attention_backward": ("attention", "backward", "backward_reasons"),
-    "kvcache_append": ("attention", "kvcache_append", "kvcache_append_reasons"),
     "add_noise": ("diffusion", "add_noise", "noise_mix_reasons"),
     "get_velocity": ("diffusion", "get_velocity", "noise_mix_reasons"),
     "diffusion_loss": ("diffusion_loss", "forward", "loss_reasons"),
@@ -29,16 +26,7 @@ KERNELS = {
 }
 
 
-def _lazy(module: str, function: str):
-    resolved = []           # the function, imported on the first call (the dispatcher calls per op call)
-
-    def call(**inputs):
-        if not resolved:
-            resolved.append(getattr(importlib.import_module(f"mmkern.triton.{module}"), function))
-        return resolved[0](**inputs)
-    call.__qualname__ = f"mmkern.triton.{module}.{function}"
-    return call
-
-
-for _op, (_module, _run, _reasons) in KERNELS.items():
-    register_kernel(_op, "triton", _lazy(_module, _run), _lazy(_module, _reasons))
+register_lazy("triton", "mmkern.triton", KERNELS)
+# an indexed copy needs no Triton kernel: the torch backend's (no host sync, fine under CUDA graphs)
+register_kernel("kvcache_append", "triton", LazyFunction("mmkern.torch_backend.kvcache", "kvcache_append"),
+                LazyFunction("mmkern.triton.attention", "kvcache_append_reasons"))

@@ -41,31 +41,31 @@ def _noise_mix_kernel(x_ptr, noise_ptr, out_ptr, timesteps_ptr, alphas_cumprod_p
     tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=in_bounds)
 
 
-def noise_mix_reasons(noise, timesteps, alphas_cumprod, original_samples=None, sample=None) -> list[str]:
-    samples = original_samples if original_samples is not None else sample
-    return dtype_reasons(samples=samples)
+def noise_mix_reasons(problem) -> list[str]:
+    """What the kernel does not take in a NoiseMixProblem (add_noise and get_velocity)."""
+    return dtype_reasons(samples=problem.samples)
 
 
-def _noise_mix(x, noise, timesteps, alphas_cumprod, velocity: bool):
-    x, noise = x.contiguous(), noise.contiguous()
+def _noise_mix(problem):
+    x, noise, timesteps = problem.samples.contiguous(), problem.noise.contiguous(), problem.timesteps
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     numel = x.numel()
     if numel == 0:
         return out
     per_sample = numel // x.shape[0] if timesteps.dim() == 1 else numel
     grid = (triton.cdiv(numel, BLOCK),)
-    _noise_mix_kernel[grid](x, noise, out, timesteps, alphas_cumprod.contiguous(), numel, per_sample,
-                            1 if timesteps.dim() == 1 else 0, alphas_cumprod.shape[0], VELOCITY=velocity, BLOCK=BLOCK,
-                            num_warps=NUM_WARPS)
+    _noise_mix_kernel[grid](x, noise, out, timesteps, problem.alphas_cumprod.contiguous(), numel, per_sample,
+                            1 if timesteps.dim() == 1 else 0, problem.alphas_cumprod.shape[0],
+                            VELOCITY=problem.velocity, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return out
 
 
-def add_noise(original_samples, noise, timesteps, alphas_cumprod):
-    return _noise_mix(original_samples, noise, timesteps, alphas_cumprod, velocity=False)
+def add_noise(problem):
+    return _noise_mix(problem)
 
 
-def get_velocity(sample, noise, timesteps, alphas_cumprod):
-    return _noise_mix(sample, noise, timesteps, alphas_cumprod, velocity=True)
+def get_velocity(problem):
+    return _noise_mix(problem)
 
 
 def aot_configs():

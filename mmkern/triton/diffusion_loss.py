@@ -91,42 +91,42 @@ def _loss_backward_kernel(grad_ptr, mo_ptr, x0_ptr, noise_ptr, timesteps_ptr, al
     tl.store(d_mo_ptr + offsets, (grad * scale * w * diff).to(d_mo_ptr.dtype.element_ty), mask=in_bounds)
 
 
-def loss_reasons(model_output, original_samples, noise, timesteps, alphas_cumprod, prediction_type, snr_gamma,
-                 grad=None) -> list[str]:
-    return dtype_reasons(model_output=model_output)
+def loss_reasons(problem) -> list[str]:
+    """What the kernels do not take in a LossProblem (forward and backward)."""
+    return dtype_reasons(model_output=problem.model_output)
 
 
-def _common(model_output, original_samples, noise, timesteps, alphas_cumprod):
-    numel = model_output.numel()
-    per_sample = max(numel // model_output.shape[0], 1) if timesteps.dim() == 1 else max(numel, 1)
-    return (model_output.contiguous(), original_samples.contiguous(), noise.contiguous(), timesteps,
-            alphas_cumprod.contiguous(), numel, per_sample, 1 if timesteps.dim() == 1 else 0,
-            alphas_cumprod.shape[0])
+def _common(p):
+    numel = p.model_output.numel()
+    timesteps = p.timesteps
+    per_sample = max(numel // p.model_output.shape[0], 1) if timesteps.dim() == 1 else max(numel, 1)
+    return (p.model_output.contiguous(), p.original_samples.contiguous(), p.noise.contiguous(), timesteps,
+            p.alphas_cumprod.contiguous(), numel, per_sample, 1 if timesteps.dim() == 1 else 0,
+            p.alphas_cumprod.shape[0])
 
 
-def forward(model_output, original_samples, noise, timesteps, alphas_cumprod, prediction_type, snr_gamma):
-    mo, x0, noise, timesteps, ac, numel, per_sample, t_stride, T = _common(model_output, original_samples, noise,
-                                                                           timesteps, alphas_cumprod)
+def forward(problem):
+    mo, x0, noise, timesteps, ac, numel, per_sample, t_stride, T = _common(problem)
     n_programs = triton.cdiv(numel, BLOCK)
     partials = torch.empty(max(n_programs, 1), dtype=torch.float32, device=mo.device)
     if n_programs:
         _loss_partials_kernel[(n_programs,)](mo, x0, noise, timesteps, ac, partials, numel, per_sample, t_stride, T,
-                                             float(snr_gamma), PRED=PREDICTION[prediction_type],
-                                             MIN_SNR=snr_gamma > 0, BLOCK=BLOCK, num_warps=NUM_WARPS)
-    out = torch.empty((), dtype=torch.float32, device=mo.device)
+                                             float(problem.snr_gamma), PRED=PREDICTION[problem.prediction_type],
+                                             MIN_SNR=problem.min_snr, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    out = torch.empty((), dtype=torch.float32, device=mo.device)     # loss_dtype: float32 (no float64 here)
     _sum_partials_kernel[(1,)](partials, out, n_programs, 1.0 / numel if numel else float("nan"),
                                BLOCK=REDUCE_BLOCK, num_warps=NUM_WARPS)
     return out
 
 
-def backward(grad, model_output, original_samples, noise, timesteps, alphas_cumprod, prediction_type, snr_gamma):
-    mo, x0, noise, timesteps, ac, numel, per_sample, t_stride, T = _common(model_output, original_samples, noise,
-                                                                           timesteps, alphas_cumprod)
+def backward(problem):
+    mo, x0, noise, timesteps, ac, numel, per_sample, t_stride, T = _common(problem)
     d_mo = torch.empty(mo.shape, dtype=mo.dtype, device=mo.device)
     if numel:
         _loss_backward_kernel[(triton.cdiv(numel, BLOCK),)](
-            grad.to(torch.float32).contiguous(), mo, x0, noise, timesteps, ac, d_mo, numel, per_sample, t_stride, T, float(snr_gamma),
-            2.0 / numel, PRED=PREDICTION[prediction_type], MIN_SNR=snr_gamma > 0, BLOCK=BLOCK, num_warps=NUM_WARPS)
+            problem.grad.to(torch.float32).contiguous(), mo, x0, noise, timesteps, ac, d_mo, numel, per_sample,
+            t_stride, T, float(problem.snr_gamma), 2.0 / numel, PRED=PREDICTION[problem.prediction_type],
+            MIN_SNR=problem.min_snr, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return d_mo
 
 

@@ -159,8 +159,9 @@ def _euler_add_noise_kernel(x_ptr, noise_ptr, out_ptr, step_index_ptr, sigmas_pt
 
 # --------------------------------------------------------------------------- runners
 
-def step_reasons(sample, **inputs) -> list[str]:
-    return dtype_reasons(sample=sample)
+def step_reasons(problem) -> list[str]:
+    """What the kernels do not take in a DDPM / DDIM / Euler step or Euler scaling record."""
+    return dtype_reasons(sample=problem.sample)
 
 
 def _layout(sample, index):
@@ -207,37 +208,36 @@ def _alpha_step(kind, model_output, sample, timesteps, prev_timesteps, alphas_cu
     return out, x0
 
 
-def ddpm_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, noise, prediction_type, variance_type,
-              clip_sample_range, dynamic_thresholding_ratio, sample_max_value):
-    return _alpha_step(DDPM, model_output, sample, timesteps, prev_timesteps, alphas_cumprod, noise, prediction_type,
-                       clip_sample_range, dynamic_thresholding_ratio, sample_max_value, variance_type=variance_type)
+def ddpm_step(p):
+    return _alpha_step(DDPM, p.model_output, p.sample, p.timesteps, p.prev_timesteps, p.alphas_cumprod, p.noise,
+                       p.prediction_type, p.clip_sample_range, p.dynamic_thresholding_ratio, p.sample_max_value,
+                       variance_type=p.variance_type)
 
 
-def ddim_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, final_alpha_cumprod, eta, noise,
-              prediction_type, clip_sample_range, dynamic_thresholding_ratio, sample_max_value,
-              use_clipped_model_output):
-    return _alpha_step(DDIM, model_output, sample, timesteps, prev_timesteps, alphas_cumprod,
-                       noise if eta > 0 else None, prediction_type, clip_sample_range, dynamic_thresholding_ratio,
-                       sample_max_value, alpha_prev_if_negative=final_alpha_cumprod, eta=eta,
-                       use_clipped_model_output=use_clipped_model_output)
+def ddim_step(p):
+    return _alpha_step(DDIM, p.model_output, p.sample, p.timesteps, p.prev_timesteps, p.alphas_cumprod,
+                       p.noise if p.eta > 0 else None, p.prediction_type, p.clip_sample_range,
+                       p.dynamic_thresholding_ratio, p.sample_max_value, alpha_prev_if_negative=p.final_alpha_cumprod,
+                       eta=p.eta, use_clipped_model_output=p.use_clipped_model_output)
 
 
-def euler_step(model_output, sample, step_index, sigmas, noise, prediction_type, gamma, s_tmin, s_tmax, s_noise):
-    model_output, sample = model_output.contiguous(), sample.contiguous()
+def euler_step(p):
+    model_output, sample, step_index, sigmas, noise = (p.model_output.contiguous(), p.sample.contiguous(),
+                                                       p.step_index, p.sigmas, p.noise)
     out = torch.empty(sample.shape, dtype=model_output.dtype, device=sample.device)
-    x0 = torch.empty(sample.shape, dtype=torch.promote_types(model_output.dtype, torch.float32), device=sample.device)
+    x0 = torch.empty(sample.shape, dtype=p.x0_dtype, device=sample.device)
     numel, per_sample, stride = _layout(sample, step_index)
     if numel:
         _euler_step_kernel[(triton.cdiv(numel, BLOCK),)](
             model_output, sample, sample if noise is None else noise.contiguous(), out, x0, step_index,
-            sigmas.contiguous(), numel, per_sample, stride, sigmas.shape[0], float(gamma), float(s_tmin),
-            float(s_tmax), float(s_noise), PRED=PREDICTION[prediction_type], HAS_NOISE=noise is not None,
+            sigmas.contiguous(), numel, per_sample, stride, sigmas.shape[0], float(p.gamma), float(p.s_tmin),
+            float(p.s_tmax), float(p.s_noise), PRED=PREDICTION[p.prediction_type], HAS_NOISE=noise is not None,
             BLOCK=BLOCK, num_warps=NUM_WARPS)
     return out, x0
 
 
-def euler_scale_model_input(sample, step_index, sigmas):
-    sample = sample.contiguous()
+def euler_scale_model_input(p):
+    sample, step_index, sigmas = p.sample.contiguous(), p.step_index, p.sigmas
     out = torch.empty(sample.shape, dtype=sample.dtype, device=sample.device)
     numel, per_sample, stride = _layout(sample, step_index)
     if numel:
@@ -247,12 +247,13 @@ def euler_scale_model_input(sample, step_index, sigmas):
     return out
 
 
-def add_noise_reasons(original_samples, **inputs) -> list[str]:
-    return dtype_reasons(original_samples=original_samples)
+def add_noise_reasons(problem) -> list[str]:
+    """What the kernel does not take in an EulerAddNoiseProblem."""
+    return dtype_reasons(original_samples=problem.original_samples)
 
 
-def euler_add_noise(original_samples, noise, step_index, sigmas):
-    x, noise = original_samples.contiguous(), noise.contiguous()
+def euler_add_noise(p):
+    x, noise, step_index, sigmas = p.original_samples.contiguous(), p.noise.contiguous(), p.step_index, p.sigmas
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     numel, per_sample, stride = _layout(x, step_index)
     if numel:
