@@ -6,7 +6,7 @@ to each output tensor (and each gradient) on its own:
     oracle    = the reference math in float64 on those rounded inputs (upcast)
     error     = max |backend(inputs) - oracle|
     baseline  = max |eager PyTorch in p - oracle|   (the reference math run in p)
-    tolerance = 2 * baseline + eps(p) * max |oracle|
+    tolerance = 2 * baseline + eps(p) * max |oracle|      (gradients judged at float32: 3 eps(p) * max |oracle|)
 where p, the precision an output is judged at, is d, or float32 for an output the op returns in float32
 whatever d is (the lse; the residual stream with residual_in_fp32): a kernel that rounds such an
 output to d fails. The last term, one unit in the last place of the largest output, keeps the criterion
@@ -14,6 +14,12 @@ meaningful for tiny tensors, where the baseline's error can be zero by luck. Whe
 not finite (it overflows where the kernel, computing in float32, does not), the baseline is the
 float32 yardstick's scaled by eps(d) / eps(float32), and the row says so. A row whose tolerance is not
 finite fails: a check with an infinite bound is no check.
+Float32 gradients get a floor of 3 ulps (FLOAT32_GRADIENT_ULPS): a flash attention backward recomputes
+P = e^(s - lse) from the forward's float32 lse with scores from another GEMM call (another blocking, another
+summation order: one ulp of s apart), and that ulp is a relative error of every P of the row, coherent in
+dV; torch's own CPU flash attention lands 2-3 ulps from the oracle for the same reason (on an AMD EPYC,
+MKL), while the materialised-softmax yardstick is often within an ulp by luck (flash-attn 3's tests add
+twice the reference's rounding, dq_atol, for the same reason; the fuzz suite's floor is 4 ulps).
 Rows "reference vs torch" check the oracle itself against torch's own float64 implementations.
 Backends that cannot run in this process but could in another (Triton on a machine without a
 GPU: through its interpreter) are verified in a subprocess and their rows merged in.
@@ -190,10 +196,18 @@ def compare(case: Case, backend: str, dtype: torch.dtype) -> list[Comparison]:
     return comparisons
 
 
+FLOAT32_GRADIENT_ULPS = 3.0   # see the module docstring
+
+
+def row_ulps(c: Comparison) -> float:
+    """The floor of a row's tolerance, in ulps of its largest oracle value."""
+    return FLOAT32_GRADIENT_ULPS if c.gradient and c.judged_at == torch.float32 else 1.0
+
+
 def measure(case: Case, backend: str, dtype: torch.dtype) -> list[Row]:
     """The rows of `case` on `backend` in `dtype`: one per output tensor and per gradient."""
     label = str(dtype).replace("torch.", "")
-    return [Row(c.name, backend, label, case.shape, c.error if c.ran else math.inf, c.tolerance(),
+    return [Row(c.name, backend, label, case.shape, c.error if c.ran else math.inf, c.tolerance(row_ulps(c)),
                 c.note if c.ran else f"no op ran on {backend}", c.gradient) for c in compare(case, backend, dtype)]
 
 

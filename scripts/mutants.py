@@ -176,8 +176,8 @@ MUTANTS: tuple[Mutant, ...] = (
            "loss (epsilon): the Min-SNR clamp dropped, w = gamma / snr instead of min(snr, gamma) / snr",
            (TS + "test_loss_matches_oracle[shape0-timesteps0-5.0-epsilon]",)),
     Mutant("diffusion-triton-ddim-eta-sign", "diffusion", "mmkern/triton/diffusion_samplers.py",
-           "tl.sqrt(tl.maximum(1.0 - a_prev - std * std, 0.0)) * eps",
-           "tl.sqrt(tl.maximum(1.0 - a_prev + std * std, 0.0)) * eps",
+           "tl.sqrt(tl.maximum(beta_prev - eta * eta * var, 0.0)) * eps",
+           "tl.sqrt(tl.maximum(beta_prev + eta * eta * var, 0.0)) * eps",
            "DDIM: the eta term with the wrong sign, sqrt(1 - a_prev + sigma^2) as the eps coefficient",
            (TS + "test_ddim_step_matches_oracle[0.5-clip-True-epsilon]",)),
     # ---------------------------------------------------------------- norm and diffusion (the torch backend)
@@ -222,8 +222,8 @@ MUTANTS: tuple[Mutant, ...] = (
            "loss (epsilon): the Min-SNR clamp dropped, w = gamma / snr instead of min(snr, gamma) / snr",
            (ND + "test_loss_and_gradient_match_oracle[shape0-timesteps0-5.0-epsilon-cpu]",)),
     Mutant("diffusion-cpu-ddim-eta-sign", "diffusion", DM,
-           "c.c_s = sqrtf(fmaxf(1.0f - a_prev - c.std * c.std, 0.0f));",
-           "c.c_s = sqrtf(fmaxf(1.0f - a_prev + c.std * c.std, 0.0f));",
+           "c.c_s = sqrtf(fmaxf(beta_prev - eta * eta * var, 0.0f));",
+           "c.c_s = sqrtf(fmaxf(beta_prev + eta * eta * var, 0.0f));",
            "DDIM: the eta term with the wrong sign, sqrt(1 - a_prev + sigma^2) as the eps coefficient",
            (ND + "test_ddim_step_matches_oracle[0.5-clip-True-epsilon-cpu]",)),
 )

@@ -136,9 +136,10 @@ def takes(backend: str, op: str, device: torch.device, inputs: dict) -> bool:
     return not dispatch.not_supported_reasons(op, backend, problem)
 
 
-def _triton_attention_mask(seed, shape, dropout_p, device):
+def _philox_attention_mask(seed, shape, dropout_p, device):
     # the independent numpy model of the kernels' Philox draws (tests/philox_model.py), not the kernels' own
-    # dropout_mask: the oracle then checks the mask the kernels use, not only that they use it consistently
+    # dropout_mask: the oracle then checks the mask the kernels use, not only that they use it consistently.
+    # The Triton kernels and the C++ CPU kernels draw the same mask (the same counters).
     from philox_model import attention_keep_mask
     B, H, Lq, Lk = shape
     return torch.from_numpy(attention_keep_mask(int(seed), B, H, Lq, Lk, dropout_p)).to(device)
@@ -158,7 +159,7 @@ def _native_norm_mask(seed, shape, dropout_p, device):
 # mmkern.reference.dropout.dropout_keep_mask(seed, shape, dropout_p, device). The oracle is run with the
 # backend's mask, so dropout is compared element for element. A backend without one here is checked on
 # dropout's structural properties instead (see has_mask_function).
-ATTENTION_MASKS = {"triton": _triton_attention_mask}
+ATTENTION_MASKS = {"triton": _philox_attention_mask, "cpu": _philox_attention_mask}
 NORM_MASKS = {"triton": _triton_norm_mask, "cpu": _native_norm_mask, "cuda": _native_norm_mask}
 
 
@@ -195,7 +196,7 @@ def check(test: str, case: verify.Case, backend: str, dtype: torch.dtype, family
     ran = all(c.ran for c in comparisons)
     COUNTS[(test, f"checks[{backend}]" if ran else f"no op ran[{backend}]")] += 1
     for c in comparisons:
-        strict, tolerance = c.tolerance(), c.tolerance(ULPS)
+        strict, tolerance = c.tolerance(verify.row_ulps(c)), c.tolerance(ULPS)
         if strict < c.error <= tolerance:
             COUNTS[(test, "within the fuzz floor only")] += 1
         assert math.isfinite(tolerance) and c.error <= tolerance, (

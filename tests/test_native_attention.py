@@ -61,7 +61,7 @@ def test_cuda_kernels_are_registered(extension):  # noqa: F811
         assert native.missing_op_reasons(op, device="cuda") == []
 
 
-def test_mmkern_info_lists_the_attention_ops_on_the_cuda_backend():
+def test_mmkern_info_lists_the_attention_ops_on_the_cuda_and_cpu_backends():
     out = subprocess.run([sys.executable, "-m", "mmkern", "info"], capture_output=True, text=True, check=True).stdout
     lines = out.splitlines()
     start = next(i for i, line in enumerate(lines) if line.strip().startswith("cuda "))
@@ -69,7 +69,7 @@ def test_mmkern_info_lists_the_attention_ops_on_the_cuda_backend():
     assert "attention_forward" in ops_line and "attention_backward" in ops_line
     start = next(i for i, line in enumerate(lines) if line.strip().startswith("cpu "))
     ops_line = next(line for line in lines[start + 1:] if line.strip().startswith("ops:"))
-    assert "attention" not in ops_line
+    assert "attention_forward" in ops_line and "attention_backward" in ops_line and "kvcache_append" in ops_line
 
 
 # --------------------------------------------------------------------------- reasons
@@ -168,15 +168,16 @@ def test_a_build_without_the_ops_is_a_reason(monkeypatch):
         assert reasons == [f"mmkern._C was built without mmkern_C::attention_{direction}; run `mmkern build`"], reasons
 
 
-def test_cpu_tensors_are_refused_and_auto_takes_another_backend():
+def test_cpu_tensors_are_refused_by_the_cuda_adapter_and_taken_by_the_cpu_kernels():
     q = torch.randn(1, 5, 2, 64, dtype=torch.float16)
     problem = _forward_problem(q=q, k=q, max_seqlen_q=5, max_seqlen_k=5)
     assert adapter.forward_reasons(problem) == [adapter.CUDA_ONLY]
-    # the adapters are registered for the cuda backend only: the cpu backend has no attention kernel
+    # each backend has its own adapter: the CUDA kernels' and the C++ CPU kernels' (mmkern/native/attention_cpu.py)
     for op in ("attention_forward", "attention_backward"):
-        assert op in dispatch.backends()["cuda"].kernels and op not in dispatch.backends()["cpu"].kernels
-    assert dispatch.select("attention_forward", problem) not in ("cpu", "cuda")
-    out = mmkern.flash_attn_func(q, q, q)       # runs on whichever backend took it
+        cuda_kernel, cpu_kernel = dispatch.backends()["cuda"].kernels[op], dispatch.backends()["cpu"].kernels[op]
+        assert cuda_kernel.run is not cpu_kernel.run
+    assert dispatch.select("attention_forward", problem) == "cpu"
+    out = mmkern.flash_attn_func(q, q, q)       # the C++ CPU kernel
     assert out.shape == q.shape and torch.isfinite(out).all()
 
 

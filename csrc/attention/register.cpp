@@ -1,8 +1,11 @@
-// Schemas of the flash attention ops of mmkern._C (namespace mmkern_C). Kernels: attention_forward.cu and
-// attention_backward.cu (CUDA key, CUDA builds only; there is no CPU kernel: the Python adapter,
-// mmkern/native/attention.py, refuses CPU tensors with a reason, and `auto` dispatch takes another backend).
-// The Python side is mmkern/native/attention.py, called by the `cuda` backend of mmkern::attention_forward /
-// mmkern::attention_backward (mmkern/ops/attention.py).
+// Schemas of the flash attention ops of mmkern._C (namespace mmkern_C).
+// - attention_forward / attention_backward: the CUDA kernels (attention_forward.cu, attention_backward.cu; CUDA
+//   key, CUDA builds only), called by mmkern/native/attention.py for the `cuda` backend.
+// - cpu_attention_forward / cpu_attention_backward: the C++ CPU kernels (attention_cpu_*.cpp, CPU key, every
+//   build), with every feature of mmkern::attention_forward / attention_backward (mmkern/ops/attention.py):
+//   causal in both alignments, sliding window (-1 = unbounded), softcap (0 = off), ALiBi, bool/float masks and
+//   the mask's gradient, dropout (Philox at the Triton kernels' counters; seed as an int), num_splits (0 =
+//   choose) for the forward's split over keys. Called by mmkern/native/attention_cpu.py for the `cpu` backend.
 //
 // Layouts (as mmkern/ops/attention.py): dense q (B, Lq, H, D), k/v (B, Lk, H_kv, D), lse float32 (B, H, Lq);
 // varlen q (total_q, H, D), k/v (total_k, H_kv, D), cu_seqlens_q/k int32 (B + 1,), lse (H, total_q).
@@ -19,4 +22,13 @@ TORCH_LIBRARY_FRAGMENT(mmkern_C, m) {
   m.def("attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, "
         "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? seqused_k, int max_seqlen_q, int max_seqlen_k, "
         "float softmax_scale, bool causal, bool deterministic) -> (Tensor dq, Tensor dk, Tensor dv)");
+  m.def("cpu_attention_forward(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
+        "Tensor? seqused_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal, bool bottom_right, "
+        "int window_left, int window_right, float softcap, Tensor? alibi_slopes, Tensor? attn_mask, float dropout_p, "
+        "int seed, int num_splits) -> (Tensor out, Tensor lse)");
+  m.def("cpu_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, "
+        "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? seqused_k, int max_seqlen_q, int max_seqlen_k, "
+        "float softmax_scale, bool causal, bool bottom_right, int window_left, int window_right, float softcap, "
+        "Tensor? alibi_slopes, Tensor? attn_mask, bool mask_grad, float dropout_p, int seed) "
+        "-> (Tensor dq, Tensor dk, Tensor dv, Tensor d_mask)");
 }

@@ -124,9 +124,13 @@ MMKERN_HD AlphaCoef ddim_coefficients(float a, float a_prev, float eta) {
   c.sqrt_b = sqrtf(beta);
   c.inv_sqrt_a = fdiv(1.0f, c.sqrt_a);
   c.inv_sqrt_b = fdiv(1.0f, c.sqrt_b);
-  c.std = eta * sqrtf(fdiv(beta_prev, beta) * (1.0f - fdiv(a, a_prev)));
+  // sigma_t^2 / eta^2; the direction's coefficient from it, not from std * std: at eta = 1 and a = 0 (zero
+  // terminal SNR) 1 - a_prev - std^2 is 0 in exact arithmetic, and sqrt(std)^2 rounds to +-1 ulp of it,
+  // whose square root (2.4e-4) was the whole error; beta_prev - eta^2 var is exactly 0 there
+  const float var = fdiv(beta_prev, beta) * (1.0f - fdiv(a, a_prev));
+  c.std = eta * sqrtf(var);
   c.c_x0 = sqrtf(a_prev);
-  c.c_s = sqrtf(fmaxf(1.0f - a_prev - c.std * c.std, 0.0f));
+  c.c_s = sqrtf(fmaxf(beta_prev - eta * eta * var, 0.0f));
   c.log_current_beta = c.log_variance = 0.0f;
   c.add_noise = true;
   return c;

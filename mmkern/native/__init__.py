@@ -25,9 +25,9 @@ import importlib.util
 import sys
 import threading
 
-from mmkern.dispatch import forget_environment, register_lazy
+from mmkern.dispatch import LazyFunction, forget_environment, register_kernel, register_lazy
 
-# op -> (module of mmkern/native/, run function, reasons function[, backends: default both])
+# op -> (module of mmkern/native/, run function, reasons function): the same adapter for both backends
 KERNELS = {
     "norm_residual_forward": ("norm", "norm_forward", "norm_forward_reasons"),
     "norm_residual_backward": ("norm", "norm_backward", "norm_backward_reasons"),
@@ -40,10 +40,13 @@ KERNELS = {
     "euler_step": ("diffusion", "euler_step", "reasons"),
     "euler_scale_model_input": ("diffusion", "euler_scale_model_input", "reasons"),
     "euler_add_noise": ("diffusion", "euler_add_noise", "reasons"),
-    # CUDA kernels only (no C++ CPU attention): registered for the cuda backend alone, so the cpu backend
-    # does not list them and is never chosen (or forced) for attention
-    "attention_forward": ("attention", "attention_forward", "forward_reasons", ("cuda",)),
-    "attention_backward": ("attention", "attention_backward", "backward_reasons", ("cuda",)),
+}
+# ops whose adapter differs per backend: attention has separate CUDA and C++ CPU kernels
+BACKEND_KERNELS = {
+    "cuda": {"attention_forward": ("attention", "attention_forward", "forward_reasons"),
+             "attention_backward": ("attention", "attention_backward", "backward_reasons")},
+    "cpu": {"attention_forward": ("attention_cpu", "attention_forward", "forward_reasons"),
+            "attention_backward": ("attention_cpu", "attention_backward", "backward_reasons")},
 }
 BACKENDS = ("cpu", "cuda")
 NAMESPACE = "mmkern_C"
@@ -198,5 +201,7 @@ def missing_op_reasons(*names: str, device=None) -> list[str]:
 # --------------------------------------------------------------------------- registration
 
 for _backend in BACKENDS:
-    register_lazy(_backend, "mmkern.native", {op: entry[:3] for op, entry in KERNELS.items()
-                                              if _backend in (entry[3] if len(entry) > 3 else BACKENDS)})
+    register_lazy(_backend, "mmkern.native", {**KERNELS, **BACKEND_KERNELS[_backend]})
+# the KV-cache append of flash_attn_with_kvcache is one indexed copy: the cpu backend takes torch's (as triton does)
+register_kernel("kvcache_append", "cpu", LazyFunction("mmkern.torch_backend.kvcache", "kvcache_append"),
+                LazyFunction("mmkern.torch_backend.kvcache", "kvcache_append_reasons"))

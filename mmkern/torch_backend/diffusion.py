@@ -215,11 +215,13 @@ def ddim_step(problem):
     b, b_prev = 1 - a, 1 - a_prev
     x0, eps = _predict(p, p.model_output, s, a)
     x0 = _clip(p, x0)
-    std = p.eta * ((b_prev / b) * (1 - a / a_prev)).sqrt()
+    var = (b_prev / b) * (1 - a / a_prev)          # sigma_t^2 / eta^2
+    std = p.eta * var.sqrt()
     if p.use_clipped_model_output:
         eps = (s - a.sqrt().to(dtype) * x0) / b.sqrt().to(dtype)
-    # sqrt(1 - a_prev - std^2) clamped at 0 (rounding can make it -1e-9 at eta = 1)
-    out = a_prev.sqrt().to(dtype) * x0 + (1 - a_prev - std ** 2).clamp(min=0).sqrt().to(dtype) * eps
+    # sqrt(1 - a_prev - std^2) as sqrt(b_prev - eta^2 var), clamped at 0: exactly 0 at eta = 1 and a = 0 (zero
+    # terminal SNR), where std ** 2 rounds to +-1 ulp of b_prev (csrc/diffusion/diffusion_math.h)
+    out = a_prev.sqrt().to(dtype) * x0 + (b_prev - p.eta ** 2 * var).clamp(min=0).sqrt().to(dtype) * eps
     if p.eta > 0 and p.noise is not None:
         out = out + std.to(dtype) * p.noise
     return _new(out, dtype, s, p.model_output), _new(x0, dtype, s, p.model_output)

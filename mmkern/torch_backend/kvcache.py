@@ -1,8 +1,8 @@
 """mmkern::kvcache_append in plain torch: one indexed copy per cache, no host sync.
 
 k_cache[b, cache_seqlens[b] + t] = k[b, t] (same for v), in place; k_cache/v_cache (B, L_cache, H_kv, D),
-k/v (B, L_new, H_kv, D). Moves 2 x B x L_new x H_kv x D elements each way. The triton backend registers
-this function too (an indexed copy needs no kernel of its own)."""
+k/v (B, L_new, H_kv, D). Moves 2 x B x L_new x H_kv x D elements each way. The triton and cpu backends
+register this function too (an indexed copy needs no kernel of its own)."""
 from __future__ import annotations
 
 import torch

@@ -93,9 +93,11 @@ def _alpha_step_kernel(mo_ptr, sample_ptr, noise_ptr, threshold_ptr, out_ptr, x0
                 noise = tl.load(noise_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
                 out = out + tl.where(t > 0, std * noise, 0.0)
         else:             # DDIM (eq. 12)
-            std = eta * tl.sqrt((beta_prev / beta) * (1.0 - a / a_prev))
+            var = (beta_prev / beta) * (1.0 - a / a_prev)      # sigma_t^2 / eta^2
+            std = eta * tl.sqrt(var)
             eps = tl.where(clipped_eps != 0, (s - sqrt_a * x0) / sqrt_beta, eps)
-            out = tl.sqrt(a_prev) * x0 + tl.sqrt(tl.maximum(1.0 - a_prev - std * std, 0.0)) * eps
+            # from var, not std * std (csrc/diffusion/diffusion_math.h: exact 0 at eta = 1, zero terminal SNR)
+            out = tl.sqrt(a_prev) * x0 + tl.sqrt(tl.maximum(beta_prev - eta * eta * var, 0.0)) * eps
             if HAS_NOISE:
                 noise = tl.load(noise_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
                 out = out + std * noise

@@ -1,0 +1,261 @@
+// C++ CPU flash attention, forward (torch.ops.mmkern_C.cpu_attention_forward, CPU key). See attention_cpu.h for
+// the work decomposition and what a score is.
+//
+// Per work item, a block of <= kBlockM packed rows of one (b, kvh), over a range of keys, one tile at a time:
+//     S  = scale * Q K^T                      (rows x n) float32, one GEMM (cpu_gemm.h: MKL or portable)
+//     S  = finish_scores(S)                   softcap, ALiBi, mask, visibility
+//     m' = max(m, rowmax S);  P = e^(S - m');  l = l e^(m - m') + rowsum P;  O = O e^(m - m') + dropout(P) V
+// then out = O / l and lse = m + ln l. Memory per thread: Q block, one score tile (and its copy in the input
+// dtype for the P V GEMM), the O accumulator: about 200 KiB at D = 128, whatever the sequence length.
+// Traffic: Q and out once; K and V once per row block (kBlockM rows of the group share them).
+//
+// Decode (few rows, long keys): when there are fewer than kTargetItems row blocks, each block's keys are split
+// into ranges (at least kMinSplitKeys each) that run as separate items into float32 partials (O, m, l), merged
+// per row in split order. The split count depends only on the shapes (or num_splits), never on the thread
+// count, so results are bitwise the same with 1 or 2 threads.
+//
+// Numerics contract (mmkern/ops/attention_problem.py): l = 0 (no visible key) gives out 0, lse -inf; a NaN score
+// makes m and l NaN (out, lse NaN); a +inf score (no NaN) gives l NaN, out NaN, lse +inf.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+
+#include "attention/attention_cpu.h"
+#include "common/cpu_gemm.h"
+#include "common/cpu_output.h"
+#include "common/philox_cpu.h"
+
+namespace mmkern::attention_cpu {
+namespace {
+
+using cpu_gemm::Trans;
+
+constexpr int64_t kTargetItems = 16;     // below this many row blocks, split the keys (decode)
+constexpr int64_t kMinSplitKeys = 256;
+
+struct Item {
+  RowBlock rows;
+  int64_t key_lo, key_hi;   // this item's keys
+  int64_t split;            // index among its block's splits (partial slot)
+  int64_t block;            // index of its row block
+};
+
+// Running softmax state of one row block.
+struct State {
+  // (rows,), (rows,), (rows x D). l in double: lse = m + ln l is the backward's P = e^(s - lse) for every key of
+  // the row, so its rounding error is a relative error of the whole row's P (and of dV): rounded once, at the end
+  std::vector<float> m, o;
+  std::vector<double> l;
+  void reset(int64_t rows, int64_t D) {
+    m.assign(rows, kNegInf);
+    l.assign(rows, 0.f);
+    o.assign(rows * D, 0.f);
+  }
+};
+
+template <typename T>
+struct Scratch {
+  std::vector<T> q;          // kBlockM x D packed rows
+  std::vector<float> s;      // kBlockM x kBlockN scores / probabilities
+  std::vector<T> p;          // the probabilities in T for the P V GEMM (T != float)
+  explicit Scratch(int64_t D) : q(kBlockM * D), s(kBlockM * kBlockN), p(std::is_same_v<T, float> ? 0 : kBlockM * kBlockN) {}
+};
+
+// Runs the rows of `rb` over keys [lo, hi), updating `st` (already reset).
+template <typename T>
+void attend(const Call& c, const Sequence& seq, const RowBlock& rb, int64_t lo, int64_t hi, const T* q, const T* k,
+            const T* v, Scratch<T>& w, State& st) {
+  const int64_t D = c.head_dim, rows = rb.r1 - rb.r0;
+  pack_rows(c, seq, rb, q, c.q_sb, c.q_sr, c.q_sh, w.q.data());
+  const T* k_base = k + rb.b * c.k_sb + seq.k_start * c.k_sr + rb.kvh * c.k_sh;
+  const T* v_base = v + rb.b * c.v_sb + seq.k_start * c.v_sr + rb.kvh * c.v_sh;
+  const float keep_scale = c.dropout_p > 0 ? 1.f / (1.f - c.dropout_p) : 1.f;
+  for (int64_t j0 = lo; j0 < hi; j0 += kBlockN) {
+    const int64_t n = std::min(kBlockN, hi - j0);
+    cpu_gemm::gemm(Trans::N, Trans::T, rows, n, D, c.scale, w.q.data(), D, k_base + j0 * c.k_sr, c.k_sr, 0.f,
+                   w.s.data(), n);
+    finish_scores(c, seq, rb, j0, n, w.s.data(), n, nullptr);
+    for (int64_t r = 0; r < rows; ++r) {
+      float* row = w.s.data() + r * n;
+      const float m_old = st.m[r], mx = row_max_nan(row, n);
+      const float m_new = (std::isnan(m_old) || std::isnan(mx)) ? std::numeric_limits<float>::quiet_NaN()
+                                                                 : std::max(m_old, mx);
+      const float m_safe = m_new == kNegInf ? 0.f : m_new;     // rows that have seen nothing yet
+      const float sum = exp_and_sum(row, n, m_safe);
+      const float rescale = std::exp(m_old - m_safe);
+      st.l[r] = st.l[r] * rescale + static_cast<double>(sum);
+      if (rescale != 1.f) scale_row(st.o.data() + r * D, D, rescale);
+      st.m[r] = m_new;
+      if (c.dropout_p > 0) {
+        const int64_t g = rb.r0 + r;
+        const uint64_t offset = dropout_offset(c, rb.b, rb.kvh * c.group + g % c.group, g / c.group) + j0;
+        dropout_scale(row, n, c.seed, offset, c.dropout_p, keep_scale);
+      }
+    }
+    if constexpr (std::is_same_v<T, float>) {
+      cpu_gemm::gemm(Trans::N, Trans::N, rows, D, n, 1.f, w.s.data(), n, v_base + j0 * c.v_sr, c.v_sr, 1.f,
+                     st.o.data(), D);
+    } else {
+      store_converted(w.s.data(), w.p.data(), rows * n);
+      cpu_gemm::gemm(Trans::N, Trans::N, rows, D, n, 1.f, w.p.data(), n, v_base + j0 * c.v_sr, c.v_sr, 1.f,
+                     st.o.data(), D);
+    }
+  }
+}
+
+// out rows and lse of a finished block (the contract's special rows: see the header).
+template <typename T>
+void write_block(const Call& c, const Sequence& seq, const RowBlock& rb, const State& st, T* out, int64_t o_sb,
+                 int64_t o_sr, int64_t o_sh, float* lse, std::vector<float>& row_buf) {
+  const int64_t D = c.head_dim;
+  row_buf.resize(D);
+  for (int64_t r = 0; r < rb.r1 - rb.r0; ++r) {
+    const int64_t g = rb.r0 + r, i = g / c.group, h = rb.kvh * c.group + g % c.group;
+    const double l = st.l[r];
+    const float m = st.m[r];
+    const bool empty = l == 0.0;
+    const float inv = empty ? 0.f : static_cast<float>(1.0 / l);
+    for (int64_t d = 0; d < D; ++d) row_buf[d] = empty ? 0.f : st.o[r * D + d] * inv;
+    store_converted(row_buf.data(), out + rb.b * o_sb + (seq.q_start + i) * o_sr + h * o_sh, D);
+    lse[c.lse_index(rb.b, h, seq, i)] = empty ? kNegInf : (m == kInf ? kInf : static_cast<float>(m + std::log(l)));
+  }
+}
+
+// Merges the splits of one block: M = max m_s, L = sum l_s e^(m_s - M), O = sum O_s e^(m_s - M), in split order.
+void merge_splits(const std::vector<State>& parts, int64_t first, int64_t count, int64_t rows, int64_t D,
+                  State& st) {
+  st.reset(rows, D);
+  for (int64_t r = 0; r < rows; ++r) {
+    float m = kNegInf;
+    for (int64_t s = 0; s < count; ++s) {
+      const float ms = parts[first + s].m[r];
+      m = (std::isnan(m) || std::isnan(ms)) ? std::numeric_limits<float>::quiet_NaN() : std::max(m, ms);
+    }
+    const float m_safe = m == kNegInf ? 0.f : m;
+    double l = 0.0;
+    float* o = st.o.data() + r * D;
+    for (int64_t s = 0; s < count; ++s) {
+      const State& p = parts[first + s];
+      const float w = std::exp(p.m[r] - m_safe);
+      l += p.l[r] * w;
+      for (int64_t d = 0; d < D; ++d) o[d] += p.o[r * D + d] * w;
+    }
+    st.m[r] = m;
+    st.l[r] = l;
+  }
+}
+
+// Items: row blocks (heaviest first, for the dynamic schedule), each split into key ranges when there are few.
+std::vector<Item> make_items(const Call& c, int64_t num_splits, std::vector<int64_t>& splits_of_block) {
+  std::vector<std::pair<int64_t, RowBlock>> blocks;   // (visible keys, block)
+  for (int64_t b = 0; b < c.batch; ++b) {
+    const Sequence& s = c.seqs[b];
+    for (int64_t kvh = 0; kvh < c.kv_heads; ++kvh)
+      for (int64_t r0 = 0; r0 < c.rows(s); r0 += kBlockM) {
+        const RowBlock rb{b, kvh, r0, std::min(r0 + kBlockM, c.rows(s))};
+        const auto [lo, hi] = block_keys(c, s, rb);
+        blocks.push_back({std::max<int64_t>(hi - lo, 0), rb});
+      }
+  }
+  std::stable_sort(blocks.begin(), blocks.end(), [](const auto& x, const auto& y) { return x.first > y.first; });
+  const int64_t nblocks = static_cast<int64_t>(blocks.size());
+  std::vector<Item> items;
+  splits_of_block.assign(nblocks, 1);
+  for (int64_t bi = 0; bi < nblocks; ++bi) {
+    const RowBlock& rb = blocks[bi].second;
+    const auto [lo, hi] = block_keys(c, c.seqs[rb.b], rb);
+    const int64_t keys = std::max<int64_t>(hi - lo, 0);
+    int64_t splits = num_splits > 0 ? num_splits
+                     : (nblocks < kTargetItems ? (kTargetItems + nblocks - 1) / nblocks : 1);
+    splits = std::max<int64_t>(1, std::min(splits, num_splits > 0 ? std::max<int64_t>(keys, 1)
+                                                                   : std::max<int64_t>(keys / kMinSplitKeys, 1)));
+    const int64_t per = std::max<int64_t>((keys + splits - 1) / splits, 1);
+    splits = std::max<int64_t>(1, (keys + per - 1) / per);
+    splits_of_block[bi] = splits;
+    for (int64_t s = 0; s < splits; ++s)
+      items.push_back({rb, lo + s * per, std::min(hi, lo + (s + 1) * per), s, bi});
+  }
+  return items;
+}
+
+template <typename T>
+void forward_kernel(const Call& c, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                    at::Tensor& lse, int64_t num_splits) {
+  const int64_t D = c.head_dim;
+  std::vector<int64_t> splits_of_block;
+  const std::vector<Item> items = make_items(c, num_splits, splits_of_block);
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  const bool split = n_items > static_cast<int64_t>(splits_of_block.size());
+  std::vector<State> parts(split ? n_items : 0);
+  std::vector<int64_t> first_item(splits_of_block.size(), 0);
+  for (int64_t it = n_items - 1; it >= 0; --it) first_item[items[it].block] = it;
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  float* lp = lse.data_ptr<float>();
+  const bool varlen = q.dim() == 3;
+  const int64_t o_sb = varlen ? 0 : out.stride(0), o_sr = out.stride(varlen ? 0 : 1), o_sh = out.stride(varlen ? 1 : 2);
+
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    Scratch<T> w(D);
+    State st;
+    std::vector<float> row_buf;
+    for (int64_t it; (it = next.fetch_add(1)) < n_items;) {
+      const Item& item = items[it];
+      const Sequence& seq = c.seqs[item.rows.b];
+      State& target = split ? parts[it] : st;
+      target.reset(item.rows.r1 - item.rows.r0, D);
+      attend<T>(c, seq, item.rows, item.key_lo, item.key_hi, qp, kp, vp, w, target);
+      if (!split) write_block(c, seq, item.rows, st, op, o_sb, o_sr, o_sh, lp, row_buf);
+    }
+  });
+  if (!split) return;
+  const int64_t n_blocks = static_cast<int64_t>(splits_of_block.size());
+  at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
+    State st;
+    std::vector<float> row_buf;
+    for (int64_t bi = begin; bi < end; ++bi) {
+      const Item& item = items[first_item[bi]];
+      merge_splits(parts, first_item[bi], splits_of_block[bi], item.rows.r1 - item.rows.r0, D, st);
+      write_block(c, c.seqs[item.rows.b], item.rows, st, op, o_sb, o_sr, o_sh, lp, row_buf);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> cpu_attention_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& cu_seqlens_q,
+    const c10::optional<at::Tensor>& cu_seqlens_k, const c10::optional<at::Tensor>& seqused_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, double softmax_scale, bool causal, bool bottom_right, int64_t window_left,
+    int64_t window_right, double softcap, const c10::optional<at::Tensor>& alibi_slopes,
+    const c10::optional<at::Tensor>& attn_mask, double dropout_p, int64_t seed, int64_t num_splits) {
+  constexpr const char* op = "mmkern_C::cpu_attention_forward";
+  Call c = make_call(op, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                     causal, bottom_right, window_left, window_right, softcap, alibi_slopes, attn_mask, dropout_p,
+                     seed);
+  TORCH_CHECK_VALUE(num_splits >= 0, op, ": num_splits must be >= 0 (0 = choose); got ", num_splits);
+  const bool varlen = q.dim() == 3;
+  at::Tensor out = empty_output(q.sizes(), q.options());
+  at::Tensor lse = varlen ? empty_output({c.heads, q.size(0)}, q.options().dtype(at::kFloat))
+                          : empty_output({c.batch, c.heads, q.size(1)}, q.options().dtype(at::kFloat));
+  if (varlen) c.lse_sb = 0, c.lse_sh = lse.stride(0), c.lse_sr = lse.stride(1);
+  else c.lse_sb = lse.stride(0), c.lse_sh = lse.stride(1), c.lse_sr = lse.stride(2);
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+  if (varlen) {   // rows of the packed q outside every sequence (cu_seqlens_q[-1] < total) are never visited
+    out.zero_();
+    lse.fill_(kNegInf);
+  }
+  dispatch_dtype(c.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    forward_kernel<T>(c, q, k, v, out, lse, num_splits);
+  });
+  return {out, lse};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mmkern_C, CPU, m) { m.impl("cpu_attention_forward", &cpu_attention_forward); }
+
+}  // namespace mmkern::attention_cpu
