@@ -22,7 +22,7 @@ What it does:
    has an empty extension build folder, so no C++ kernel can stand in for a Triton one.
 5. C++ pipelines, one per family (side by side with 4): one CPU-only base build of the copy's extension
    (MMKERN_BUILD_CUDA=0, MMKERN_BUILD_DIR in the temporary directory, MMKERN_BUILD_FAMILIES=<family>: csrc/common
-   and csrc/<family>; attention has no C++ CPU kernel); the mutants' tests must pass on it; then per mutant:
+   and csrc/<family>); the mutants' tests must pass on it; then per mutant:
    edit the copy in place, rebuild (ninja recompiles only the translation units that include the edited file:
    checked from the build log, and timed), run its tests against that build, restore the file (the next
    rebuild recompiles it). A mutant with rebuild=False is killed by a test that compiles the edited header on
@@ -83,6 +83,8 @@ TT = "tests/test_torch_backend_attention.py::"
 NT = "mmkern/triton/norm.py"
 NK = "mmkern/triton/norm_kernels.py"
 NC = "csrc/norm/norm_cpu.cpp"
+AF = "csrc/attention/attention_cpu_forward.cpp"
+CA = "tests/test_cpu_attention.py::"
 DM = "csrc/diffusion/diffusion_math.h"
 TA = "tests/test_triton_attention.py::"
 TD = "tests/test_triton_attention_decode.py::"
@@ -215,6 +217,37 @@ MUTANTS: tuple[Mutant, ...] = (
            "a.dbias_part[part + j] = 0.f * sum_dout[j];",
            "backward: dbias dropped (its partial sums written as 0)",
            (NN + "test_cpu_matches_oracle_prenorm_with_residual[layernorm-fp32-fp32-7]",)),
+    # ---------------------------------------------------------------- C++ CPU attention (attention_cpu_*.cpp)
+    Mutant("attn-cpu-online-softmax-acc-not-rescaled", "attention", AF,
+           "if (rescale != 1.f) scale_row(st.o.data() + r * D, D, rescale);",
+           "(void)rescale;",
+           "forward: the O accumulator not rescaled when a later key tile raises the row maximum",
+           (CA + "test_flash_attn_func_on_cpu_matches_oracle[several key tiles]",)),
+    Mutant("attn-cpu-gqa-every-head-reads-kv-head-0", "attention", AF,
+           "const T* k_base = k + rb.b * c.k_sb + seq.k_start * c.k_sr + rb.kvh * c.k_sh;",
+           "const T* k_base = k + rb.b * c.k_sb + seq.k_start * c.k_sr;",
+           "forward: the keys of kv head 0 for every group (GQA/MQA read the wrong head)",
+           (CA + "test_flash_attn_func_on_cpu_matches_oracle[causal Lq<Lk GQA 8/2 D40]",)),
+    Mutant("attn-cpu-dropout-counter-without-tile-start", "attention", AF,
+           "const uint64_t offset = dropout_offset(c, rb.b, rb.kvh * c.group + g % c.group, g / c.group) + j0;",
+           "const uint64_t offset = dropout_offset(c, rb.b, rb.kvh * c.group + g % c.group, g / c.group);",
+           "forward: every key tile draws the first tile's dropout counters (not the Triton kernels' mask)",
+           (CA + "test_dropout_against_the_independent_philox_model",)),
+    Mutant("attn-cpu-split-merge-not-rescaled", "attention", AF,
+           "const float w = std::exp(p.m[r] - m_safe);",
+           "const float w = 1.f;",
+           "decode split over keys: the partials merged without their e^(m_s - M) weights",
+           (CA + "test_decode_split_over_keys_matches_unsplit_and_oracle",)),
+    Mutant("attn-cpu-bottom-right-off-by-one", "attention", "csrc/attention/attention_cpu_call.cpp",
+           "c.seqs.push_back({0, Lq, 0, kl, bottom_right ? kl - Lq : 0});",
+           "c.seqs.push_back({0, Lq, 0, kl, bottom_right ? kl - Lq + 1 : 0});",
+           "dense inputs: the bottom-right alignment off by one (query i lines up with key i + Lk - Lq + 1)",
+           (CA + "test_flash_attn_func_on_cpu_matches_oracle[causal Lq<Lk GQA 8/2 D40]",)),
+    Mutant("attn-cpu-backward-dlse-sign", "attention", "csrc/attention/attention_cpu_backward.cpp",
+           "if (t.dlse != nullptr) delta -= t.dlse",
+           "if (t.dlse != nullptr) delta += t.dlse",
+           "backward: the gradient arriving on lse added to delta instead of subtracted",
+           (CA + "test_gradient_arriving_on_lse",)),
     # ---------------------------------------------------------------- C++ diffusion (diffusion_math.h)
     Mutant("diffusion-cpu-min-snr-unclamped", "diffusion", DM,
            "c.w = fminf(fdiv(snr_gamma * (1.0f - a), fmaxf(a, 1e-30f)), 1.0f);",

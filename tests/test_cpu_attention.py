@@ -13,7 +13,7 @@ import torch
 
 import mmkern
 from conftest import DTYPES, assert_backend_matches_oracle, forced
-from fuzz_profiles import oracle_draws_masks_of
+from fuzz_profiles import oracle_draws_masks_of, seeded
 from mmkern import dispatch, verify
 
 
@@ -189,19 +189,42 @@ def test_dropout_mask_is_the_triton_kernels_bit_for_bit(varlen, monkeypatch):
     else:
         make = lambda: dict(q=_randn(2, 9, H, D), k=_randn(2, 12, H_kv, D), v=_randn(2, 12, H_kv, D))  # noqa: E731
         run = lambda q, k, v: mmkern.flash_attn_func(q, k, v, dropout_p=p, return_lse=True)  # noqa: E731
-    case = verify.Case("cpu dropout", "varlen" if varlen else "dense", make, run, cast=("q", "k", "v"),
+    # seeded: the oracle, the yardstick and the kernel each draw the same dropout seed
+    case = verify.Case("cpu dropout", "varlen" if varlen else "dense", make, seeded(run, 11), cast=("q", "k", "v"),
                        grad=("q", "k", "v"), outputs=("out", "lse"))
     assert_backend_matches_oracle("cpu", case, [torch.float32])
 
 
 def test_dropout_against_the_independent_philox_model():
-    """The same through tests/philox_model.py (the published Philox-4x32-10, in numpy), in every dtype."""
-    case = verify.Case("cpu dropout GQA causal", "B2 Lq13 Lk17 H4/2 D40",
-                       lambda: dict(q=_randn(2, 13, 4, 40), k=_randn(2, 17, 2, 40), v=_randn(2, 17, 2, 40)),
-                       lambda q, k, v: mmkern.flash_attn_func(q, k, v, dropout_p=0.17, causal=True, return_lse=True),
+    """The same through tests/philox_model.py (the published Philox-4x32-10, in numpy), in every dtype, over
+    two key tiles (the counters of the second start at its first key)."""
+    case = verify.Case("cpu dropout GQA causal", "B2 Lq13 Lk300 H4/2 D40",
+                       lambda: dict(q=_randn(2, 13, 4, 40), k=_randn(2, 300, 2, 40), v=_randn(2, 300, 2, 40)),
+                       seeded(lambda q, k, v: mmkern.flash_attn_func(q, k, v, dropout_p=0.17, causal=True,
+                                                                      return_lse=True), 12),
                        cast=("q", "k", "v"), grad=("q", "k", "v"), outputs=("out", "lse"))
     with oracle_draws_masks_of("cpu", "attention"):
         assert_backend_matches_oracle("cpu", case, DTYPES)
+
+
+def test_gradient_arriving_on_lse():
+    """A loss on both out and lse (a ring attention merge, a z-loss): dlse enters the backward's
+    delta = rowsum(dO * O) - dlse. float32 kernels against the float64 oracle."""
+    torch.manual_seed(5)
+    q, k, v = torch.randn(2, 9, 4, 24, dtype=torch.float64), torch.randn(2, 14, 2, 24, dtype=torch.float64), \
+        torch.randn(2, 14, 2, 24, dtype=torch.float64)
+    w, u = torch.randn(2, 9, 4, 24, dtype=torch.float64), torch.randn(2, 4, 9, dtype=torch.float64)
+
+    def grads(backend, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        with mmkern.backend(backend), mmkern.dispatch_log() as log:
+            out, lse = mmkern.flash_attn_func(*leaves, causal=True, return_lse=True)
+            ((out.double() * w).sum() + (lse.double() * u).sum()).backward()
+        assert log.ran(backend)
+        return [t.grad.double() for t in leaves]
+
+    for got, want in zip(grads("cpu", torch.float32), grads("reference", torch.float64)):
+        assert (got - want).abs().max() < 2e-5 * max(want.abs().max().item(), 1.0)
 
 
 # --------------------------------------------------------------------------- determinism, threads, splits

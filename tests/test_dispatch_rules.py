@@ -86,3 +86,27 @@ def test_dispatch_log_keeps_the_problem_of_each_call():
     assert (problem.batch, problem.heads, problem.kv_heads, problem.head_dim, problem.group) == (2, 4, 2, 16, 2)
     assert (problem.seqlen_q, problem.seqlen_k, problem.right, problem.lse_shape) == (3, 9, 0, (2, 4, 3))
     assert problem.decode_shaped and not problem.varlen
+
+
+def _cpu_backward(dtype, Lk):
+    q = torch.randn(1, 8, 2, 32, dtype=dtype)
+    k = torch.randn(1, Lk, 2, 32, dtype=dtype)
+    problem = dispatch.problem("attention_forward", q=q, k=k, v=k)
+    return problem.with_gradients(q, q, torch.zeros(1, 2, 8), None, False)
+
+
+@pytest.mark.parametrize("hardware", [True, False], ids=["bf16-hardware", "no-bf16-hardware"])
+def test_a_long_bf16_cpu_backward_tries_torch_first_where_the_cpu_multiplies_bf16(hardware, monkeypatch):
+    """torch's CPU flash backward has oneDNN's bf16 GEMMs (2.5x the float32 rate with AVX-512 BF16 / AMX); the
+    C++ kernels multiply in float32. Short keys, other dtypes, the forward and CPUs without bf16 hardware keep
+    the default order (the C++ kernels first)."""
+    monkeypatch.setattr(dispatch, "cpu_has_bf16_matmul", lambda: hardware)
+    long_bf16 = dispatch.auto_order("attention_backward", _cpu_backward(torch.bfloat16, 512))
+    assert long_bf16 == (("torch", *[b for b in dispatch.PRIORITY if b != "torch"]) if hardware else dispatch.PRIORITY)
+    for problem in (_cpu_backward(torch.bfloat16, 511), _cpu_backward(torch.float32, 4096),
+                    _cpu_backward(torch.float16, 4096)):
+        assert dispatch.auto_order("attention_backward", problem) == dispatch.PRIORITY
+    q = torch.randn(1, 8, 2, 32, dtype=torch.bfloat16)
+    k = torch.randn(1, 4096, 2, 32, dtype=torch.bfloat16)
+    assert dispatch.auto_order("attention_forward", dispatch.problem("attention_forward", q=q, k=k, v=k)) \
+        == dispatch.PRIORITY

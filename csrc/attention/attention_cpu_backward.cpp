@@ -32,12 +32,11 @@ template <typename T>
 struct Scratch {
   std::vector<T> q, dout;             // the item's packed rows (rows x D)
   std::vector<float> dq, lse, delta;  // (rows x D), (rows,), (rows,)
-  std::vector<float> p, dp, cap;      // kBlockM x kBlockN tiles
-  std::vector<T> low;                 // a tile in T (dropout(P), then dS) for the GEMMs
+  std::vector<float> p, dp, cap;      // kBlockM x kBlockN tiles (P, dS stay float32 into the GEMMs)
   std::vector<float> dk, dv, row;     // kBlockN x D, and one row of D
   Scratch(int64_t D, bool softcap)
-      : p(kBlockM * kBlockN), dp(kBlockM * kBlockN), cap(softcap ? kBlockM * kBlockN : 0), low(kBlockM * kBlockN),
-        dk(kBlockN * D), dv(kBlockN * D), row(D) {}
+      : p(kBlockM * kBlockN), dp(kBlockM * kBlockN), cap(softcap ? kBlockM * kBlockN : 0), dk(kBlockN * D),
+        dv(kBlockN * D), row(D) {}
 };
 
 struct Tensors {
@@ -120,12 +119,7 @@ void backward_item(const Call& c, const Tensors& t, int64_t b, int64_t kvh, Scra
                         c.dropout_p, keep_scale);
         }
       }
-      if constexpr (std::is_same_v<T, float>) {
-        cpu_gemm::gemm(Trans::T, Trans::N, n, D, rows, 1.f, w.dp.data(), n, do_blk, D, 1.f, w.dv.data(), D);
-      } else {
-        store_converted(w.dp.data(), w.low.data(), rows * n);
-        cpu_gemm::gemm(Trans::T, Trans::N, n, D, rows, 1.f, w.low.data(), n, do_blk, D, 1.f, w.dv.data(), D);
-      }
+      cpu_gemm::gemm(Trans::T, Trans::N, n, D, rows, 1.f, w.dp.data(), n, do_blk, D, 1.f, w.dv.data(), D);
       // dP = dropout(dO V^T);  dS = P (dP - delta)
       float* dp = w.dp.data();
       cpu_gemm::gemm(Trans::N, Trans::T, rows, n, D, 1.f, do_blk, D, v_base + j0 * c.v_sr, c.v_sr, 0.f, dp, n);
@@ -147,16 +141,9 @@ void backward_item(const Call& c, const Tensors& t, int64_t b, int64_t kvh, Scra
         }
       }
       // dK += dS^T Q;  dQ += dS K
-      if constexpr (std::is_same_v<T, float>) {
-        cpu_gemm::gemm(Trans::T, Trans::N, n, D, rows, 1.f, dp, n, q_blk, D, 1.f, w.dk.data(), D);
-        cpu_gemm::gemm(Trans::N, Trans::N, rows, D, n, 1.f, dp, n, k_base + j0 * c.k_sr, c.k_sr, 1.f,
-                       w.dq.data() + r0 * D, D);
-      } else {
-        store_converted(dp, w.low.data(), rows * n);
-        cpu_gemm::gemm(Trans::T, Trans::N, n, D, rows, 1.f, w.low.data(), n, q_blk, D, 1.f, w.dk.data(), D);
-        cpu_gemm::gemm(Trans::N, Trans::N, rows, D, n, 1.f, w.low.data(), n, k_base + j0 * c.k_sr, c.k_sr, 1.f,
-                       w.dq.data() + r0 * D, D);
-      }
+      cpu_gemm::gemm(Trans::T, Trans::N, n, D, rows, 1.f, dp, n, q_blk, D, 1.f, w.dk.data(), D);
+      cpu_gemm::gemm(Trans::N, Trans::N, rows, D, n, 1.f, dp, n, k_base + j0 * c.k_sr, c.k_sr, 1.f,
+                     w.dq.data() + r0 * D, D);
     }
     for (int64_t j = 0; j < n; ++j) {
       scale_row(w.dk.data() + j * D, D, c.scale);

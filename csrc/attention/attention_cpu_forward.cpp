@@ -3,10 +3,11 @@
 //
 // Per work item, a block of <= kBlockM packed rows of one (b, kvh), over a range of keys, one tile at a time:
 //     S  = scale * Q K^T                      (rows x n) float32, one GEMM (cpu_gemm.h: MKL or portable)
+// (P stays float32 into the P V GEMM: no rounding of P to a half dtype, as the GPU kernels must.)
 //     S  = finish_scores(S)                   softcap, ALiBi, mask, visibility
 //     m' = max(m, rowmax S);  P = e^(S - m');  l = l e^(m - m') + rowsum P;  O = O e^(m - m') + dropout(P) V
 // then out = O / l and lse = m + ln l. Memory per thread: Q block, one score tile (and its copy in the input
-// dtype for the P V GEMM), the O accumulator: about 200 KiB at D = 128, whatever the sequence length.
+// the O accumulator: about 200 KiB at D = 128, whatever the sequence length.
 // Traffic: Q and out once; K and V once per row block (kBlockM rows of the group share them).
 //
 // Decode (few rows, long keys): when there are fewer than kTargetItems row blocks, each block's keys are split
@@ -37,8 +38,7 @@ constexpr int64_t kMinSplitKeys = 256;
 struct Item {
   RowBlock rows;
   int64_t key_lo, key_hi;   // this item's keys
-  int64_t split;            // index among its block's splits (partial slot)
-  int64_t block;            // index of its row block
+  int64_t block;            // index of its row block (its splits are consecutive items)
 };
 
 // Running softmax state of one row block.
@@ -57,9 +57,8 @@ struct State {
 template <typename T>
 struct Scratch {
   std::vector<T> q;          // kBlockM x D packed rows
-  std::vector<float> s;      // kBlockM x kBlockN scores / probabilities
-  std::vector<T> p;          // the probabilities in T for the P V GEMM (T != float)
-  explicit Scratch(int64_t D) : q(kBlockM * D), s(kBlockM * kBlockN), p(std::is_same_v<T, float> ? 0 : kBlockM * kBlockN) {}
+  std::vector<float> s;      // kBlockM x kBlockN scores, then probabilities (float32 into the P V GEMM too)
+  explicit Scratch(int64_t D) : q(kBlockM * D), s(kBlockM * kBlockN) {}
 };
 
 // Runs the rows of `rb` over keys [lo, hi), updating `st` (already reset).
@@ -93,14 +92,8 @@ void attend(const Call& c, const Sequence& seq, const RowBlock& rb, int64_t lo, 
         dropout_scale(row, n, c.seed, offset, c.dropout_p, keep_scale);
       }
     }
-    if constexpr (std::is_same_v<T, float>) {
-      cpu_gemm::gemm(Trans::N, Trans::N, rows, D, n, 1.f, w.s.data(), n, v_base + j0 * c.v_sr, c.v_sr, 1.f,
-                     st.o.data(), D);
-    } else {
-      store_converted(w.s.data(), w.p.data(), rows * n);
-      cpu_gemm::gemm(Trans::N, Trans::N, rows, D, n, 1.f, w.p.data(), n, v_base + j0 * c.v_sr, c.v_sr, 1.f,
-                     st.o.data(), D);
-    }
+    cpu_gemm::gemm(Trans::N, Trans::N, rows, D, n, 1.f, w.s.data(), n, v_base + j0 * c.v_sr, c.v_sr, 1.f,
+                   st.o.data(), D);
   }
 }
 
@@ -166,15 +159,18 @@ std::vector<Item> make_items(const Call& c, int64_t num_splits, std::vector<int6
     const RowBlock& rb = blocks[bi].second;
     const auto [lo, hi] = block_keys(c, c.seqs[rb.b], rb);
     const int64_t keys = std::max<int64_t>(hi - lo, 0);
-    int64_t splits = num_splits > 0 ? num_splits
-                     : (nblocks < kTargetItems ? (kTargetItems + nblocks - 1) / nblocks : 1);
-    splits = std::max<int64_t>(1, std::min(splits, num_splits > 0 ? std::max<int64_t>(keys, 1)
-                                                                   : std::max<int64_t>(keys / kMinSplitKeys, 1)));
+    // num_splits when given (at most one per key); else, when the blocks are few, enough splits for kTargetItems
+    // items, each of at least kMinSplitKeys keys
+    int64_t splits = 1;
+    if (num_splits > 0) {
+      splits = std::min(num_splits, std::max<int64_t>(keys, 1));
+    } else if (nblocks < kTargetItems) {
+      splits = std::min((kTargetItems + nblocks - 1) / nblocks, std::max<int64_t>(keys / kMinSplitKeys, 1));
+    }
     const int64_t per = std::max<int64_t>((keys + splits - 1) / splits, 1);
-    splits = std::max<int64_t>(1, (keys + per - 1) / per);
+    splits = std::max<int64_t>(1, (keys + per - 1) / per);     // rounding up can leave fewer non-empty ranges
     splits_of_block[bi] = splits;
-    for (int64_t s = 0; s < splits; ++s)
-      items.push_back({rb, lo + s * per, std::min(hi, lo + (s + 1) * per), s, bi});
+    for (int64_t s = 0; s < splits; ++s) items.push_back({rb, lo + s * per, std::min(hi, lo + (s + 1) * per), bi});
   }
   return items;
 }

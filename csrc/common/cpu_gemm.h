@@ -1,13 +1,13 @@
 // Row-major GEMM for the C++ CPU kernels: C (M x N, float32) = alpha * op(A) op(B) + beta * C, with A and B
-// in float32, bfloat16 or float16 and float32 accumulation.
+// each in float32, bfloat16 or float16, and float32 accumulation.
 //
 // Which GEMM runs, decided at run time (never assumed at build time):
-// - "mkl": the BLAS torch itself calls for CPU matmuls. torch's x86 wheels link Intel MKL statically into
-//   libtorch_cpu.so and export its Fortran entry points SGEMM, GEMM_BF16BF16F32 and GEMM_F16F16F32; they are
-//   declared here as weak symbols, so a torch without them (an ARM or macOS build) loads this library with
-//   null pointers instead of failing to load, and the portable path runs. MKL picks its own kernel for the
-//   CPU it finds (AVX-512, AVX-512 BF16, AMX where present); called from inside at::parallel_for it runs on
-//   the calling thread (MKL does not nest into an active OpenMP region).
+// - "mkl": the BLAS torch itself calls for float32 CPU matmuls. torch's x86 wheels link Intel MKL statically
+//   into libtorch_cpu.so and export its Fortran entry point SGEMM; it is declared here as a weak symbol, so a
+//   torch without it (an ARM or macOS build) loads this library with a null pointer instead of failing to
+//   load, and the portable path runs. MKL picks its own kernel for the CPU it finds (AVX2, AVX-512); called
+//   from inside at::parallel_for it runs on the calling thread (MKL does not nest into an active OpenMP
+//   region). (torch's bf16 matmuls go through oneDNN, which it does not export: see gemm() below.)
 // - "portable": the loops below, vectorised with at::vec (float32 math; half operands converted per row).
 //   MMKERN_CPU_GEMM=portable forces it (tests compare both paths).
 // Results are deterministic for a given (M, N, K) on either path: single-threaded, fixed blocking.
@@ -29,12 +29,6 @@ extern "C" {
 void SGEMM(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
            const int* ldc) __attribute__((weak));
-void GEMM_BF16BF16F32(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-                      const float* alpha, const uint16_t* a, const int* lda, const uint16_t* b, const int* ldb,
-                      const float* beta, float* c, const int* ldc) __attribute__((weak));
-void GEMM_F16F16F32(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-                    const float* alpha, const uint16_t* a, const int* lda, const uint16_t* b, const int* ldb,
-                    const float* beta, float* c, const int* ldc) __attribute__((weak));
 }
 
 namespace mmkern::cpu_gemm {
@@ -46,16 +40,8 @@ inline bool portable_forced() {
   return choice != nullptr && std::strcmp(choice, "portable") == 0;
 }
 
-// The GEMM a call with operands of this dtype runs: "mkl" or "portable".
-inline const char* gemm_name(at::ScalarType dtype) {
-  if (portable_forced()) return "portable";
-  switch (dtype) {
-    case at::kFloat: return SGEMM != nullptr ? "mkl" : "portable";
-    case at::kBFloat16: return GEMM_BF16BF16F32 != nullptr ? "mkl" : "portable";
-    case at::kHalf: return GEMM_F16F16F32 != nullptr ? "mkl" : "portable";
-    default: return "portable";
-  }
-}
+// The GEMM the kernels run: "mkl" or "portable".
+inline const char* gemm_name() { return (SGEMM != nullptr && !portable_forced()) ? "mkl" : "portable"; }
 
 namespace detail {
 
@@ -98,9 +84,9 @@ inline void axpy(float alpha, const float* x, float* y, int64_t n) {
 // The portable GEMM: row-major; op(A) (M x K) is A[m * lda + k] (N) or A[k * lda + m] (T); likewise op(B)
 // (K x N) is B[k * ldb + n] (N) or B[n * ldb + k] (T). B^T (the scores' q k^T) runs as dot products over
 // contiguous rows; B (p v, ds k) as row updates; A^T (p^T do, ds^T q) reads a column of A per output row.
-template <typename T>
-void gemm_portable(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, float alpha, const T* A, int64_t lda,
-                   const T* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+template <typename TA, typename TB>
+void gemm_portable(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, float alpha, const TA* A, int64_t lda,
+                   const TB* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   std::vector<float> a_row(K), b_rows;
   auto scale_c = [&](float* c) {
     if (beta == 0.f) std::memset(c, 0, N * sizeof(float));
@@ -132,10 +118,32 @@ void gemm_portable(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, float al
 
 }  // namespace detail
 
-// C (M x N, row stride ldc) = alpha * op(A) op(B) + beta * C; T is float, c10::BFloat16 or c10::Half.
-// op(A) is M x K, op(B) is K x N (see detail::gemm_portable for the layouts). M, N or K may be 0.
+namespace detail {
+
+// op(X)'s stored region (rows x cols at stride ld) in float32: X itself when it is float32, else a contiguous
+// converted copy in `buffer` (ld becomes cols).
 template <typename T>
-void gemm(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, float alpha, const T* A, int64_t lda, const T* B,
+const float* as_float(const T* x, int64_t rows, int64_t cols, int64_t& ld, std::vector<float>& buffer) {
+  if constexpr (std::is_same_v<T, float>) {
+    return x;
+  } else {
+    buffer.resize(rows * cols);
+    for (int64_t r = 0; r < rows; ++r) load_strided(x + r * ld, 1, cols, buffer.data() + r * cols);
+    ld = cols;
+    return buffer.data();
+  }
+}
+
+}  // namespace detail
+
+// C (M x N, row stride ldc) = alpha * op(A) op(B) + beta * C, float32 accumulation; TA and TB are float,
+// c10::BFloat16 or c10::Half. op(A) is M x K, op(B) is K x N (see detail::gemm_portable for the layouts).
+// M, N or K may be 0.
+// Half operands go through MKL's SGEMM after a conversion to float32 (thread-local buffers, O(MK + KN) next
+// to the O(MNK) product), not through MKL's GEMM_BF16BF16F32 / GEMM_F16F16F32: measured on this machine's
+// AMD EPYC (AVX-512 BF16, no AMX), the bf16 one runs at the float32 rate and the fp16 one at 0.6x of it.
+template <typename TA, typename TB>
+void gemm(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, float alpha, const TA* A, int64_t lda, const TB* B,
           int64_t ldb, float beta, float* C, int64_t ldc) {
   if (M == 0 || N == 0) return;
   if (K == 0) {
@@ -145,22 +153,16 @@ void gemm(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, float alpha, cons
     }
     return;
   }
-  if (!portable_forced()) {
+  if (SGEMM != nullptr && !portable_forced()) {
+    thread_local std::vector<float> a_buffer, b_buffer;
+    const float* a = ta == Trans::N ? detail::as_float(A, M, K, lda, a_buffer) : detail::as_float(A, K, M, lda, a_buffer);
+    const float* b = tb == Trans::N ? detail::as_float(B, K, N, ldb, b_buffer) : detail::as_float(B, N, K, ldb, b_buffer);
     // column-major call: C^T (N x M) = op(B)^T (N x K) op(A)^T (K x M)
     const char tb_c = tb == Trans::T ? 'T' : 'N', ta_c = ta == Trans::T ? 'T' : 'N';
     const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
     const int lb = static_cast<int>(ldb), la = static_cast<int>(lda), lc = static_cast<int>(ldc);
-    if constexpr (std::is_same_v<T, float>) {
-      if (SGEMM != nullptr) return SGEMM(&tb_c, &ta_c, &m, &n, &k, &alpha, B, &lb, A, &la, &beta, C, &lc);
-    } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
-      if (GEMM_BF16BF16F32 != nullptr)
-        return GEMM_BF16BF16F32(&tb_c, &ta_c, &m, &n, &k, &alpha, reinterpret_cast<const uint16_t*>(B), &lb,
-                                reinterpret_cast<const uint16_t*>(A), &la, &beta, C, &lc);
-    } else if constexpr (std::is_same_v<T, c10::Half>) {
-      if (GEMM_F16F16F32 != nullptr)
-        return GEMM_F16F16F32(&tb_c, &ta_c, &m, &n, &k, &alpha, reinterpret_cast<const uint16_t*>(B), &lb,
-                              reinterpret_cast<const uint16_t*>(A), &la, &beta, C, &lc);
-    }
+    SGEMM(&tb_c, &ta_c, &m, &n, &k, &alpha, b, &lb, a, &la, &beta, C, &lc);
+    return;
   }
   detail::gemm_portable(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }

@@ -8,8 +8,9 @@ shown by `mmkern info`), never an exception.
 
 Registration is lazy, as for the triton backend: KERNELS names, per op, the module of
 mmkern/native/ holding its adapter and the adapter's `run(problem)` and `reasons(problem)`;
-the module is imported the first time the dispatcher asks about the op. The same adapters serve
-both backends (the tensors' device picks the dispatcher key).
+the module is imported the first time the dispatcher asks about the op. The norm and diffusion adapters
+serve both backends (the tensors' device picks the dispatcher key); attention has one adapter per backend
+(BACKEND_KERNELS: attention.py for the CUDA kernels, attention_cpu.py for the C++ CPU kernels).
 
 Helpers for adapter modules:
     cpp_op(name)               the torch.ops.mmkern_C op (loads the extension)
