@@ -42,7 +42,8 @@ def forced(backend: str):
     assert log.ran(backend), f"no mmkern op ran on backend {backend!r} inside forced({backend!r}): {log.calls}"
 
 
-def assert_backend_matches_oracle(backend: str, case: "verify.Case", dtypes=DTYPES, reduced_elements=None):
+def assert_backend_matches_oracle(backend: str, case: "verify.Case", dtypes=DTYPES, reduced_elements=None,
+                                  conditioning: float = 1.0):
     """flash-attn's criterion, through `mmkern verify`'s measure, for each output and each gradient on its own:
     error against the float64 oracle (on the same rounded inputs) <= 2 x the error of eager PyTorch in the
     same dtype + one ulp of the largest output; a row whose bound is not finite fails (Row.passed).
@@ -50,12 +51,20 @@ def assert_backend_matches_oracle(backend: str, case: "verify.Case", dtypes=DTYP
     reduced_elements = n for a forward that sums n terms into one scalar (the diffusion loss): two correct fp32
     summation orders differ by up to ~log2(n) ulps of the sum, and the eager baseline's own error can be near 0
     by luck (it failed 1 run in ~150 at n = 420 with the plain criterion), so the tolerance of the forward's
-    outputs is multiplied by log2(n) there. Gradients keep the plain criterion."""
+    outputs is multiplied by log2(n) there. Gradients keep the plain criterion.
+
+    conditioning = c multiplies the outputs' tolerance where the op amplifies one rounding of its inputs by a
+    large factor (a DDPM step's x0 = (s - sqrt(1 - a) eps) / sqrt(a) at t = 999: 1 / sqrt(a) = 156): the eager
+    yardstick's error is then one draw of that amplified rounding, and correct kernels associating differently
+    (a reciprocal multiply, precomputed coefficients, sqrt(a) from a float64 table) measured 1.1-1.3x the plain
+    bound there; torch.randn's draws differ between CPUs (AVX2 / AVX-512), and with them which draws are lucky."""
     for dtype in dtypes:
         for row in verify.measure(case, backend, dtype):
             allowed = row.tolerance
             if reduced_elements and not row.gradient:
                 allowed *= max(1.0, math.log2(reduced_elements))
+            if not row.gradient:
+                allowed *= conditioning
             assert math.isfinite(allowed) and row.error <= allowed, (
                 f"{row.op} [{backend}, {row.dtype}, {row.shape}]: error {row.error:.3e} > tolerance {allowed:.3e} "
                 f"{row.note}")

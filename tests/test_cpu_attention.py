@@ -375,3 +375,64 @@ def test_the_cpu_backend_is_what_auto_takes_on_a_cpu_and_names_float64():
     reasons = dispatch.not_supported_reasons("attention_forward", "cpu", dispatch.problem(
         "attention_forward", q=q.double(), k=q.double(), v=q.double()))
     assert any("float64" in r for r in reasons)
+
+
+# --------------------------------------------------------------------------- what a CPU user's calls run on
+
+_CPU_USER = r"""
+import os
+os.environ.pop("TRITON_INTERPRET", None)
+import torch, mmkern
+q, k, v = torch.randn(2, 33, 4, 40), torch.randn(2, 20, 2, 40), torch.randn(2, 20, 2, 40)
+calls = {
+    "dense": lambda: mmkern.flash_attn_func(q, k, v),
+    "causal window alibi softcap": lambda: mmkern.flash_attn_func(q, k, v, causal=True, window_size=(5, 0),
+                                                                   alibi_slopes=torch.rand(4), softcap=5.0),
+    "dropout": lambda: mmkern.flash_attn_func(q, k, v, dropout_p=0.1),
+    "bf16": lambda: mmkern.flash_attn_func(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True),
+    "fp16": lambda: mmkern.flash_attn_func(q.half(), k.half(), v.half()),
+    "sdpa drop-in": lambda: mmkern.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=torch.rand(33, 20) > 0.5, enable_gqa=True),
+    "kvcache": lambda: mmkern.flash_attn_with_kvcache(q[:, :1], k.clone(), v.clone(), k[:, :1], v[:, :1],
+                                                      cache_seqlens=torch.tensor([3, 19], dtype=torch.int32)),
+    "varlen": lambda: mmkern.flash_attn_varlen_func(q[0], k[0], v[0], torch.tensor([0, 10, 33], dtype=torch.int32),
+                                                    torch.tensor([0, 0, 20], dtype=torch.int32), 23, 20),
+}
+for name, call in calls.items():
+    with mmkern.dispatch_log() as log:
+        call()
+    print(f"{name}: {sorted(log.backends('attention_forward'))}")
+
+from mmkern.integrations import transformers_parity as tp
+gpt2 = tp._prepare(tp.tiny_gpt2(), torch.float32, "cpu", True).eval()     # attn_implementation="mmkern"
+ids = torch.randint(3, 100, (2, 7))
+with torch.no_grad(), mmkern.dispatch_log() as log:
+    gpt2.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=0)
+print(f"transformers generate: {sorted(log.backends('attention_forward'))}")
+try:
+    from mmkern.integrations import diffusers as mmd, diffusers_parity as dp
+except ImportError:
+    print("diffusers: ['cpu']")       # diffusers is an optional extra
+else:
+    make_model, make_inputs = dp.model_cases()["UNet2DConditionModel"]
+    unet = mmd.apply_mmkern(make_model().eval())
+    with torch.no_grad(), mmkern.dispatch_log() as log:
+        dp.forward(unet, make_inputs(), torch.float32, "cpu")
+    print(f"diffusers: {sorted(log.backends('attention_forward'))}")
+from mmkern.models import TinyText2Image
+model = TinyText2Image(["a red square", "a blue circle"], dim=32, depth=1, heads=2, text_layers=1)
+with mmkern.dispatch_log() as log:
+    model.loss(torch.rand(2, 3, 16, 16) * 2 - 1, ["a red square", "a blue circle"]).backward()
+print(f"tiny text-to-image: {sorted(log.backends('attention_forward') | log.backends('attention_backward'))}")
+"""
+
+
+def test_a_cpu_user_s_attention_runs_on_the_cpp_kernels():
+    """Without Triton's interpreter and with the extension built, auto dispatch takes the C++ kernels for every
+    attention a CPU user calls: the flash-attn functions with every feature (dropout and softcap included), the SDPA
+    drop-in, the KV cache, varlen, transformers generation, a diffusers UNet, the tiny text-to-image model."""
+    env = {n: v for n, v in os.environ.items() if n != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _CPU_USER], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 11 and all(line.endswith(": ['cpu']") for line in lines), lines

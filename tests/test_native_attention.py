@@ -176,8 +176,9 @@ def test_cpu_tensors_are_refused_by_the_cuda_adapter_and_taken_by_the_cpu_kernel
     for op in ("attention_forward", "attention_backward"):
         cuda_kernel, cpu_kernel = dispatch.backends()["cuda"].kernels[op], dispatch.backends()["cpu"].kernels[op]
         assert cuda_kernel.run is not cpu_kernel.run
-    assert dispatch.select("attention_forward", problem) == "cpu"
-    out = mmkern.flash_attn_func(q, q, q)       # the C++ CPU kernel
+    assert dispatch.not_supported_reasons("attention_forward", "cpu", problem) == []
+    with mmkern.backend("cpu"):
+        out = mmkern.flash_attn_func(q, q, q)       # the C++ CPU kernel
     assert out.shape == q.shape and torch.isfinite(out).all()
 
 

@@ -96,6 +96,20 @@ def test_a_stale_stamp_is_a_reason_not_an_error():
                                                                       "was built"
 
 
+def test_a_build_asked_for_without_cuda_is_current_for_the_cpu_kernels(monkeypatch):
+    """`mmkern build --cpu-only` (README's first command) on a machine that could compile CUDA too: the cpu backend
+    uses it; ensure_built and `mmkern build --if-stale` (accept_cpu_only=False) still want the CUDA kernels."""
+    monkeypatch.delenv("MMKERN_BUILD_CUDA", raising=False)
+    cpu_only = build.configuration(cpu_only=True)
+    assert cpu_only["with_cuda"] is False and cpu_only["no_cuda_reason"] == "MMKERN_BUILD_CUDA=0"
+    assert build.stale_reason(cpu_only) is None
+    if build.cuda_unavailable_reason() is None:          # nvcc and a CUDA torch: the full build differs
+        assert build.stale_reason(cpu_only, accept_cpu_only=False) is not None
+    # a build that lacks CUDA for another reason (no toolkit then) is judged as this machine would build it
+    other = dict(cpu_only, no_cuda_reason="no CUDA toolkit")
+    assert build.stale_reason(other) == build.stale_reason(other, accept_cpu_only=False)
+
+
 def _info(env_dir):
     env = dict(os.environ, MMKERN_BUILD_DIR=str(env_dir))
     return subprocess.run([sys.executable, "-m", "mmkern", "info"], env=env, capture_output=True, text=True,

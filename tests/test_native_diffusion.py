@@ -168,7 +168,8 @@ def test_ddpm_step_matches_oracle(backend, prediction_type, variance_type, clip,
             mo = torch.cat([mo, v], 1)
         return D.ddpm_step(mo, t, s, ac, prev_timesteps=prev, noise=n, prediction_type=prediction_type,
                            variance_type=variance_type, **CLIP[clip])
-    assert_backend_matches_oracle(backend, _step_case("ddpm_step", (4, 3, 5, 7), run, device))
+    assert_backend_matches_oracle(backend, _step_case("ddpm_step", (4, 3, 5, 7), run, device),
+                                  conditioning=2.0)   # x0 at t = 999 amplifies a rounding 156x (conftest)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -116,7 +116,8 @@ def test_ddpm_step_matches_oracle(prediction_type, variance_type, clip, table):
             mo = torch.cat([mo, v], 1)
         return D.ddpm_step(mo, t, s, ac, prev_timesteps=prev, noise=n, prediction_type=prediction_type,
                            variance_type=variance_type, **CLIP[clip])
-    assert_backend_matches_oracle("triton", _step_case("ddpm_step", shape, run))
+    assert_backend_matches_oracle("triton", _step_case("ddpm_step", shape, run),
+                                  conditioning=2.0)   # x0 at t = 999 amplifies a rounding 156x (conftest)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])

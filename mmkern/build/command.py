@@ -27,7 +27,8 @@ def main(args) -> int:
     if args.dir is not None:
         os.environ["MMKERN_BUILD_DIR"] = str(args.dir)
     directory = build_dir()
-    if args.if_stale and (directory / so_name()).exists() and stale_reason(read_stamp(directory)) is None:
+    if args.if_stale and (directory / so_name()).exists() and \
+            stale_reason(read_stamp(directory), accept_cpu_only=args.cpu_only) is None:
         print(f"mmkern build: {directory / so_name()} is current")
         return 0
     if not CSRC_DIR.is_dir():

@@ -100,7 +100,7 @@ def ensure_built(*, quiet: bool = True):
 
     directory = build_dir()
     for _ in range(3):      # sources edited during a build leave it stale: build again (ninja: only what changed)
-        if (directory / so_name()).exists() and stale_reason(read_stamp(directory)) is None:
+        if (directory / so_name()).exists() and stale_reason(read_stamp(directory), accept_cpu_only=False) is None:
             break
         build(directory, quiet=quiet)
     native.reset()

@@ -77,7 +77,7 @@ def cuda_unavailable_reason() -> str | None:
     import torch
 
     if os.environ.get("MMKERN_BUILD_CUDA", "1") == "0":
-        return "MMKERN_BUILD_CUDA=0"
+        return CPU_ONLY_REASON
     if torch.version.cuda is None:
         return "torch is not a CUDA build"
     if cuda_home() is None:
@@ -117,12 +117,16 @@ def flags(with_cuda: bool) -> dict[str, list[str]]:
     return result
 
 
-def configuration() -> dict:
-    """Everything a build depends on; its hash decides whether a build is stale."""
+CPU_ONLY_REASON = "MMKERN_BUILD_CUDA=0"
+
+
+def configuration(cpu_only: bool = False) -> dict:
+    """Everything a build depends on; its hash decides whether a build is stale. cpu_only: the configuration of
+    a build asked for without CUDA (`mmkern build --cpu-only`), whatever this machine has."""
     import torch
 
     cpp, cu, headers = sources()
-    reason = cuda_unavailable_reason()
+    reason = CPU_ONLY_REASON if cpu_only else cuda_unavailable_reason()
     with_cuda = reason is None and bool(cu)
     digest = hashlib.sha256()
     for path in [*cpp, *cu, *headers]:

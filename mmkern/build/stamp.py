@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from mmkern.build.config import configuration, cpu_isa
+from mmkern.build.config import CPU_ONLY_REASON, configuration, cpu_isa
 from mmkern.build.paths import CSRC_DIR, STAMP_NAME
 
 
@@ -22,9 +22,13 @@ def read_stamp(directory: Path) -> dict | None:
         return None
 
 
-def stale_reason(stamp: dict | None) -> str | None:
+def stale_reason(stamp: dict | None, accept_cpu_only: bool = True) -> str | None:
     """Why a build with this stamp must not be used here (None: it is current). Source changes
-    count only where the sources are present (a checkout)."""
+    count only where the sources are present (a checkout). A build asked for without CUDA (`mmkern build
+    --cpu-only`, MMKERN_BUILD_CUDA=0) is current for its C++ CPU kernels on a machine that could compile CUDA
+    too: the cuda backend then names the missing kernels (mmkern.native.cuda_reasons), the cpu backend runs.
+    accept_cpu_only=False: current only if it is the build this environment would make (ensure_built, and
+    `mmkern build --if-stale` without --cpu-only, rebuild it with the CUDA kernels)."""
     if stamp is None:
         return "it has no build stamp (_C.build.json)"
     import torch
@@ -37,7 +41,8 @@ def stale_reason(stamp: dict | None) -> str | None:
         return f"it was built for {stamp.get('python')}, this is {sys.implementation.cache_tag}"
     if CSRC_DIR.is_dir():
         try:
-            current = configuration()["source_hash"]
+            cpu_only = accept_cpu_only and stamp.get("no_cuda_reason") == CPU_ONLY_REASON
+            current = configuration(cpu_only=cpu_only)["source_hash"]
         except Exception as exc:  # unreadable sources: judge by torch alone
             return None if isinstance(exc, OSError) else f"its configuration cannot be computed: {exc}"
         if current != stamp.get("source_hash"):
