@@ -84,6 +84,7 @@ NT = "mmkern/triton/norm.py"
 NK = "mmkern/triton/norm_kernels.py"
 NC = "csrc/norm/norm_cpu.cpp"
 AF = "csrc/attention/attention_cpu_forward.cpp"
+AE = "csrc/attention/attention_cpu_exp.cpp"
 CA = "tests/test_cpu_attention.py::"
 DM = "csrc/diffusion/diffusion_math.h"
 TA = "tests/test_triton_attention.py::"
@@ -248,6 +249,16 @@ MUTANTS: tuple[Mutant, ...] = (
            "if (t.dlse != nullptr) delta += t.dlse",
            "backward: the gradient arriving on lse added to delta instead of subtracted",
            (CA + "test_gradient_arriving_on_lse",)),
+    Mutant("attn-cpu-exp-avx512-tail-lanes-summed", "attention", AE,
+           "acc = _mm512_mask_add_ps(acc, lanes, acc, e);",
+           "acc = _mm512_add_ps(acc, e);",
+           "softmax (AVX-512): the zero-filled lanes past a row's end (e^(0 - m)) added into the row sum",
+           (CA + "test_flash_attn_func_on_cpu_matches_oracle[plain D8]",)),
+    Mutant("attn-cpu-exp-avx2-nan-not-kept", "attention", AE,
+           "return _mm256_blendv_ps(e, v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));",
+           "return e;",
+           "softmax (AVX2, MMKERN_CPU_ISA=avx2): a NaN score's exponential clamped to a finite value",
+           (CA + "test_portable_gemm_and_avx2_exp_paths_match_oracle",)),
     # ---------------------------------------------------------------- C++ diffusion (diffusion_math.h)
     Mutant("diffusion-cpu-min-snr-unclamped", "diffusion", DM,
            "c.w = fminf(fdiv(snr_gamma * (1.0f - a), fmaxf(a, 1e-30f)), 1.0f);",

@@ -285,9 +285,10 @@ def test_decode_split_over_keys_matches_unsplit_and_oracle():
     assert torch.equal(single[0], results[0][0]) and torch.equal(single[1], results[0][1])
 
 
-def test_portable_gemm_path_matches_oracle():
-    """MMKERN_CPU_GEMM=portable (what a torch without MKL runs): the at::vec GEMM, every dtype, forward and
-    backward, in a subprocess (the choice is read per call from the environment)."""
+def test_portable_gemm_and_avx2_exp_paths_match_oracle():
+    """The paths this machine does not take by default, in a subprocess: MMKERN_CPU_GEMM=portable (what a torch
+    without MKL runs: the at::vec GEMM) and MMKERN_CPU_ISA=avx2 (the softmax's 8-lane exponential, what a CPU
+    without AVX-512 runs), every dtype, forward and backward, with the contract's NaN/inf rows."""
     script = textwrap.dedent("""
         import torch, mmkern, sys
         sys.path.insert(0, "tests")
@@ -295,9 +296,12 @@ def test_portable_gemm_path_matches_oracle():
         from test_cpu_attention import DENSE, _dense_case
         for name in ("causal Lq<Lk GQA 8/2 D40", "softcap window alibi", "decode Lq1 long keys"):
             assert_backend_matches_oracle("cpu", _dense_case(name, **DENSE[name]), DTYPES)
-        print("ok")
+        import pytest   # the contract's edge rows (NaN/inf inputs, empty rows, huge logits) on this path too
+        edge = pytest.main(["-q", "-p", "no:cacheprovider", "tests/test_edge_numerics.py", "-k",
+                            "cpu and not norm and not samplers"])
+        print("ok" if edge == 0 else f"test_edge_numerics failed: {edge}")
     """)
-    env = dict(os.environ, MMKERN_CPU_GEMM="portable")
+    env = dict(os.environ, MMKERN_CPU_GEMM="portable", MMKERN_CPU_ISA="avx2")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=600)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr

@@ -33,8 +33,11 @@ namespace mmkern::attention_cpu {
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kW = Vec::size();
 constexpr int64_t kUnbounded = int64_t{1} << 40;
-constexpr int64_t kBlockM = 128;     // rows per tile (packed group rows)
-constexpr int64_t kBlockN = 256;     // keys per tile: a 128 x 256 float32 tile is 128 KiB, L2-resident (64..256 x 256..512 measured within 5%)
+constexpr int64_t kBlockM = 256;          // forward: rows per tile (packed group rows)
+constexpr int64_t kBackwardBlockM = 128;  // backward: rows per tile (its 2-3 tiles of P, dS: 256 x 256 measured 10% slower)
+constexpr int64_t kBlockN = 256;     // keys per tile. A 256 x 256 float32 tile is 256 KiB (L2). Measured on 2 cores, fp32 fwd
+// L2048: 256 x 256 beat 128 x 256 by 0-7% (most at D128: each K/V tile is packed by the GEMM half as often) and
+// 256 x 512 was within noise
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
@@ -109,54 +112,9 @@ inline float row_max_nan(const float* s, int64_t n) {
   return m;
 }
 
-// exp(x) in float32 to about 2 ulp, NaN kept NaN, exp(-inf) = 0, results below FLT_MIN flushed to 0.
-// Not torch's exp_u20 (what torch's own CPU flash attention uses): it reduces x with a one-word ln 2 (the error
-// grows with |x|, 20 ulp) and clamps NaN to a finite value. Here: n = round(x log2 e), r = x - n ln2_hi -
-// n ln2_lo (Cody-Waite, two FMAs, exact to float32), e^r by its degree-7 Taylor polynomial (|r| <= ln2 / 2:
-// truncation 1.5e-8 relative), times 2^n built in the exponent bits. About as cheap as exp_u20 (10 FMAs).
-inline Vec exp_accurate(const Vec& x) {
-#if defined(CPU_CAPABILITY_AVX2) && defined(__AVX2__) && defined(__FMA__)
-  const __m256 v = x;
-  const __m256 xc = _mm256_max_ps(_mm256_min_ps(v, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-87.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), xc);       // ln2_hi: 16 significant bits
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);            // ln2_lo
-  __m256 p = _mm256_set1_ps(1.f / 5040.f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 720.f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120.f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24.f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6.f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  __m256 e = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
-  e = _mm256_blendv_ps(e, _mm256_setzero_ps(), _mm256_cmp_ps(v, _mm256_set1_ps(-87.0f), _CMP_LT_OQ));
-  e = _mm256_blendv_ps(e, _mm256_set1_ps(kInf), _mm256_cmp_ps(v, _mm256_set1_ps(88.0f), _CMP_GT_OQ));
-  return _mm256_blendv_ps(e, v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));               // NaN stays NaN
-#else
-  return x.exp();   // Sleef's exp (1 ulp; NaN and -inf handled)
-#endif
-}
-
-// s[0..n) = exp(s - m) in place; returns the sum (float32 vector partials).
-inline float exp_and_sum(float* s, int64_t n, float m) {
-  const Vec vm(m);
-  Vec acc(0.f);
-  int64_t j = 0;
-  for (; j + kW <= n; j += kW) {
-    const Vec e = exp_accurate(Vec::loadu(s + j) - vm);
-    e.store(s + j);
-    acc = acc + e;
-  }
-  if (j < n) {
-    const Vec e = exp_accurate(Vec::loadu(s + j, static_cast<int>(n - j)) - vm);
-    e.store(s + j, static_cast<int>(n - j));
-    acc = acc + Vec::set(Vec(0.f), e, static_cast<int>(n - j));
-  }
-  return at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, acc);
-}
+// s[0..n) = e^(s - m) in place; returns the row sum (attention_cpu_exp.cpp: under 1 ulp, NaN kept, e^-inf = 0;
+// AVX-512 or AVX2, chosen once per process at run time, or MMKERN_CPU_ISA=avx2).
+float exp_and_sum(float* s, int64_t n, float m);
 
 inline void scale_row(float* x, int64_t n, float a) {
   const Vec va(a);

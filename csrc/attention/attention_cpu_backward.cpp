@@ -2,7 +2,7 @@
 // the work decomposition and what a score is.
 //
 // One work item per (b, kvh): the group's query rows and every key of the sequence. For each key block j
-// (kBlockN keys), over the row blocks i that can see it (kBlockM packed rows), recomputing P from the saved lse:
+// (kBlockN keys), over the row blocks i that can see it (kBackwardBlockM packed rows), recomputing P from the saved lse:
 //     S   = finish_scores(scale * Q_i K_j^T)          P = e^(S - lse)          (0 in rows that saw nothing)
 //     dV_j += dropout(P)^T dO_i                        dP = dropout(dO_i V_j^T)
 //     dS  = P * (dP - delta)                           delta = rowsum(dO * O) - dlse
@@ -32,10 +32,10 @@ template <typename T>
 struct Scratch {
   std::vector<T> q, dout;             // the item's packed rows (rows x D)
   std::vector<float> dq, lse, delta;  // (rows x D), (rows,), (rows,)
-  std::vector<float> p, dp, cap;      // kBlockM x kBlockN tiles (P, dS stay float32 into the GEMMs)
+  std::vector<float> p, dp, cap;      // kBackwardBlockM x kBlockN tiles (P, dS stay float32 into the GEMMs)
   std::vector<float> dk, dv, row;     // kBlockN x D, and one row of D
   Scratch(int64_t D, bool softcap)
-      : p(kBlockM * kBlockN), dp(kBlockM * kBlockN), cap(softcap ? kBlockM * kBlockN : 0), dk(kBlockN * D),
+      : p(kBackwardBlockM * kBlockN), dp(kBackwardBlockM * kBlockN), cap(softcap ? kBackwardBlockM * kBlockN : 0), dk(kBlockN * D),
         dv(kBlockN * D), row(D) {}
 };
 
@@ -95,8 +95,8 @@ void backward_item(const Call& c, const Tensors& t, int64_t b, int64_t kvh, Scra
     const int64_t i_hi = std::clamp<int64_t>(j0 + n - 1 - seq.align + c.left + 1, i_lo, seq.q_len);
     std::fill(w.dk.begin(), w.dk.begin() + n * D, 0.f);
     std::fill(w.dv.begin(), w.dv.begin() + n * D, 0.f);
-    for (int64_t r0 = i_lo * c.group; r0 < i_hi * c.group; r0 += kBlockM) {
-      const RowBlock rb{b, kvh, r0, std::min(r0 + kBlockM, i_hi * c.group)};
+    for (int64_t r0 = i_lo * c.group; r0 < i_hi * c.group; r0 += kBackwardBlockM) {
+      const RowBlock rb{b, kvh, r0, std::min(r0 + kBackwardBlockM, i_hi * c.group)};
       const int64_t rows = rb.r1 - rb.r0;
       const T* q_blk = w.q.data() + r0 * D;
       const T* do_blk = w.dout.data() + r0 * D;
