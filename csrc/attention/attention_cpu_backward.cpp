@@ -32,11 +32,12 @@ template <typename T>
 struct Scratch {
   std::vector<T> q, dout;             // the item's packed rows (rows x D)
   std::vector<float> dq, lse, delta;  // (rows x D), (rows,), (rows,)
-  std::vector<float> p, dp, cap;      // kBackwardBlockM x kBlockN tiles (P, dS stay float32 into the GEMMs)
-  std::vector<float> dk, dv, row;     // kBlockN x D, and one row of D
-  Scratch(int64_t D, bool softcap)
-      : p(kBackwardBlockM * kBlockN), dp(kBackwardBlockM * kBlockN), cap(softcap ? kBackwardBlockM * kBlockN : 0), dk(kBlockN * D),
-        dv(kBlockN * D), row(D) {}
+  std::vector<float> p, dp, cap;      // tile_rows x tile_keys tiles (P, dS stay float32 into the GEMMs)
+  std::vector<float> dk, dv, row;     // tile_keys x D, and one row of D
+  // tiles sized for the call (<= kBackwardBlockM x kBlockN): a short call does not zero 3 x 128 KiB
+  Scratch(int64_t D, bool softcap, int64_t tile_rows, int64_t tile_keys)
+      : p(tile_rows * tile_keys), dp(tile_rows * tile_keys), cap(softcap ? tile_rows * tile_keys : 0),
+        dk(tile_keys * D), dv(tile_keys * D), row(D) {}
 };
 
 struct Tensors {
@@ -222,9 +223,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_attention_backwar
   if (n_items == 0) return {dq, dk, dv, d_mask};
   dispatch_dtype(c.dtype, [&](auto tag) {
     using T = decltype(tag);
+    int64_t tile_rows = 1, tile_keys = 1;
+    for (const Sequence& s : c.seqs) {
+      tile_rows = std::max(tile_rows, std::min(kBackwardBlockM, c.rows(s)));
+      tile_keys = std::max(tile_keys, std::min(kBlockN, s.k_len));
+    }
     std::atomic<int64_t> next{0};
     at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-      Scratch<T> w(c.head_dim, c.softcap > 0);
+      Scratch<T> w(c.head_dim, c.softcap > 0, tile_rows, tile_keys);
       for (int64_t it; (it = next.fetch_add(1)) < n_items;) {
         const int64_t id = items[it].second;
         backward_item<T>(c, t, id / c.kv_heads, id % c.kv_heads, w, Lq, Lk);

@@ -21,6 +21,7 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <memory>
 
 #include "attention/attention_cpu.h"
 #include "common/cpu_gemm.h"
@@ -54,11 +55,14 @@ struct State {
   }
 };
 
+// Per thread, sized for the call's largest item (rows <= kBlockM, keys per tile <= kBlockN) and left
+// uninitialised: a decode step (a few rows, a short cache) would otherwise zero 256 KiB, freshly mmap'ed by malloc
+// on every call, for a tile of a few hundred floats (measured: that cost a GPT-2 decode call 40 us).
 template <typename T>
 struct Scratch {
-  std::vector<T> q;          // kBlockM x D packed rows
-  std::vector<float> s;      // kBlockM x kBlockN scores, then probabilities (float32 into the P V GEMM too)
-  explicit Scratch(int64_t D) : q(kBlockM * D), s(kBlockM * kBlockN) {}
+  std::unique_ptr<T[]> q;          // rows x D packed rows
+  std::unique_ptr<float[]> s;      // rows x keys scores, then probabilities (float32 into the P V GEMM too)
+  Scratch(int64_t D, int64_t rows, int64_t keys) : q(new T[rows * D]), s(new float[rows * keys]) {}
 };
 
 // Runs the rows of `rb` over keys [lo, hi), updating `st` (already reset).
@@ -66,17 +70,17 @@ template <typename T>
 void attend(const Call& c, const Sequence& seq, const RowBlock& rb, int64_t lo, int64_t hi, const T* q, const T* k,
             const T* v, Scratch<T>& w, State& st) {
   const int64_t D = c.head_dim, rows = rb.r1 - rb.r0;
-  pack_rows(c, seq, rb, q, c.q_sb, c.q_sr, c.q_sh, w.q.data());
+  pack_rows(c, seq, rb, q, c.q_sb, c.q_sr, c.q_sh, w.q.get());
   const T* k_base = k + rb.b * c.k_sb + seq.k_start * c.k_sr + rb.kvh * c.k_sh;
   const T* v_base = v + rb.b * c.v_sb + seq.k_start * c.v_sr + rb.kvh * c.v_sh;
   const float keep_scale = c.dropout_p > 0 ? 1.f / (1.f - c.dropout_p) : 1.f;
   for (int64_t j0 = lo; j0 < hi; j0 += kBlockN) {
     const int64_t n = std::min(kBlockN, hi - j0);
-    cpu_gemm::gemm(Trans::N, Trans::T, rows, n, D, c.scale, w.q.data(), D, k_base + j0 * c.k_sr, c.k_sr, 0.f,
-                   w.s.data(), n);
-    finish_scores(c, seq, rb, j0, n, w.s.data(), n, nullptr);
+    cpu_gemm::gemm(Trans::N, Trans::T, rows, n, D, c.scale, w.q.get(), D, k_base + j0 * c.k_sr, c.k_sr, 0.f,
+                   w.s.get(), n);
+    finish_scores(c, seq, rb, j0, n, w.s.get(), n, nullptr);
     for (int64_t r = 0; r < rows; ++r) {
-      float* row = w.s.data() + r * n;
+      float* row = w.s.get() + r * n;
       const float m_old = st.m[r], mx = row_max_nan(row, n);
       const float m_new = (std::isnan(m_old) || std::isnan(mx)) ? std::numeric_limits<float>::quiet_NaN()
                                                                  : std::max(m_old, mx);
@@ -92,7 +96,7 @@ void attend(const Call& c, const Sequence& seq, const RowBlock& rb, int64_t lo, 
         dropout_scale(row, n, c.seed, offset, c.dropout_p, keep_scale);
       }
     }
-    cpu_gemm::gemm(Trans::N, Trans::N, rows, D, n, 1.f, w.s.data(), n, v_base + j0 * c.v_sr, c.v_sr, 1.f,
+    cpu_gemm::gemm(Trans::N, Trans::N, rows, D, n, 1.f, w.s.get(), n, v_base + j0 * c.v_sr, c.v_sr, 1.f,
                    st.o.data(), D);
   }
 }
@@ -194,9 +198,14 @@ void forward_kernel(const Call& c, const at::Tensor& q, const at::Tensor& k, con
   const bool varlen = q.dim() == 3;
   const int64_t o_sb = varlen ? 0 : out.stride(0), o_sr = out.stride(varlen ? 0 : 1), o_sh = out.stride(varlen ? 1 : 2);
 
+  int64_t tile_rows = 1, tile_keys = 1;
+  for (const Item& item : items) {
+    tile_rows = std::max(tile_rows, item.rows.r1 - item.rows.r0);
+    tile_keys = std::max(tile_keys, std::min(kBlockN, item.key_hi - item.key_lo));
+  }
   std::atomic<int64_t> next{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    Scratch<T> w(D);
+    Scratch<T> w(D, tile_rows, tile_keys);
     State st;
     std::vector<float> row_buf;
     for (int64_t it; (it = next.fetch_add(1)) < n_items;) {
