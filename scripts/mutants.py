@@ -95,6 +95,7 @@ TND = "tests/test_torch_backend_norm_diffusion.py::"
 NN = "tests/test_native_norm.py::"
 ND = "tests/test_native_diffusion.py::"
 G = "tests/test_mutant_guards.py::"
+OC = "tests/test_cpu_output_cache.py::"
 
 # Python/Triton mutants first (they need no build), then the C++ ones grouped by translation unit (each switch
 # of unit recompiles the restored one too).
@@ -270,6 +271,19 @@ MUTANTS: tuple[Mutant, ...] = (
            "c.c_s = sqrtf(fmaxf(beta_prev + eta * eta * var, 0.0f));",
            "DDIM: the eta term with the wrong sign, sqrt(1 - a_prev + sigma^2) as the eps coefficient",
            (ND + "test_ddim_step_matches_oracle[0.5-clip-True-epsilon-cpu]",)),
+    Mutant("diffusion-cpu-vector-tail-unwritten", "diffusion", "csrc/diffusion/diffusion_cpu.cpp",
+           "  if (i < end) f(i, end - i);\n}",
+           "}",
+           "every elementwise diffusion kernel: the partial last vector of a sample segment never written (a "
+           "recycled output keeps the previous call's values there)",
+           (OC + "test_every_cpu_kernel_writes_all_of_a_poisoned_output[diffusion]",)),
+    # ---------------------------------------------------------------- C++ output buffers (common/cpu_output.cpp)
+    Mutant("cpu-output-cache-limit-ignored", "norm", "csrc/common/cpu_output.cpp",
+           "if (c.held_bytes_ + b->bytes <= c.limit_) {",
+           "if (true) {",
+           "output cache: every freed buffer kept, whatever MMKERN_CPU_OUTPUT_CACHE_MIB says (memory grows unbounded)",
+           (OC + "test_the_cache_holds_no_more_than_its_limit_and_release_empties_it",
+            OC + "test_limit_zero_allocates_every_output")),
 )
 
 

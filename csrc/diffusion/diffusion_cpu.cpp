@@ -25,71 +25,19 @@
 #include <torch/library.h>
 
 #include "common/cpu_output.h"
+#include "common/cpu_vec_io.h"
 #include "diffusion/diffusion_checks.h"
 #include "diffusion/diffusion_math.h"
 
 namespace mmkern_diffusion {
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kV = Vec::size();
-#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-constexpr bool kVecHasF16C = true;         // at::vec's fp16 conversions are vector instructions
-#else
-constexpr bool kVecHasF16C = false;
-#endif
+using mmkern::cpu_vec::kV;
+using mmkern::cpu_vec::Vec;
+using mmkern::cpu_vec::vload;
+using mmkern::cpu_vec::vstore;
 constexpr int64_t kGrain = 32768;          // elements per parallel task (at::internal::GRAIN_SIZE)
 constexpr int64_t kLossChunk = 16384;      // fixed reduction chunk of the loss (determinism)
-
-// ---- fp32 vector loads / stores of float, Half, BFloat16 (n < kV: a partial vector through a local buffer)
-template <typename T>
-inline Vec vload(const T* p) {
-  if constexpr (std::is_same_v<T, float>) {
-    return Vec::loadu(p);
-  } else if constexpr (std::is_same_v<T, at::Half> && !kVecHasF16C) {
-    // c10's bit-exact conversion in a plain loop (at::vec's generic fp16 path is ~20x slower without F16C flags)
-    float buf[kV];
-    for (int64_t j = 0; j < kV; ++j) buf[j] = c10::detail::fp16_ieee_to_fp32_value(p[j].x);
-    return Vec::loadu(buf);
-  } else {
-    Vec out;
-    at::vec::load_to_float(p, out);
-    return out;
-  }
-}
-template <typename T>
-inline Vec vload(const T* p, int64_t n) {
-  if (n == kV) return vload(p);
-  T buf[kV];
-  for (int64_t j = 0; j < kV; ++j) buf[j] = j < n ? p[j] : T(0.0f);
-  return vload(static_cast<const T*>(buf));
-}
-template <typename T>
-inline void vstore(T* p, const Vec& v, int64_t n) {
-  // full vectors through fixed-size stores (Vectorized::store(ptr, count) is a variable-length memcpy call)
-  if constexpr (std::is_same_v<T, float>) {
-    if (n == kV) {
-      v.store(p);
-    } else {
-      float buf[kV];
-      v.store(buf);
-      for (int64_t j = 0; j < n; ++j) p[j] = buf[j];
-    }
-  } else if constexpr (std::is_same_v<T, at::Half> && !kVecHasF16C) {
-    float buf[kV];
-    v.store(buf);
-    for (int64_t j = 0; j < n; ++j) p[j].x = c10::detail::fp16_ieee_from_fp32_value(buf[j]);   // nearest even
-  } else {
-    // convert_from_float rounds to nearest even; its first kV lanes are v
-    T buf[2 * kV];
-    at::vec::convert_from_float<T>(v, v).store(buf);
-    if (n == kV) {
-      std::memcpy(p, buf, kV * sizeof(T));
-    } else {
-      for (int64_t j = 0; j < n; ++j) p[j] = buf[j];
-    }
-  }
-}
 
 // f(i, n) on [begin, end) in steps of kV (the last one partial)
 template <typename F>

@@ -1,7 +1,8 @@
 // CPU kernels of residual + LayerNorm / RMSNorm (torch.ops.mmkern_C.norm_forward / norm_backward, CPU key).
 //
 // Rows run in parallel (at::parallel_for); half-precision rows are converted once into float32 scratch
-// rows (thread-local, N floats each; all-float32 rows are read and written in place) and the math runs
+// rows (thread-local, N floats each, in L1/L2; vector conversions of common/cpu_vec_io.h; all-float32 rows are
+// read and written in place) and the math runs
 // with at::vec::Vectorized<float>, so one non-templated kernel serves every (x, stream) dtype pair:
 // only the load/store conversions switch on the dtype.
 // Traffic per row (forward): read x and residual once, write pre and out once.
@@ -29,6 +30,7 @@
 
 #include "common/checks.h"
 #include "common/cpu_output.h"
+#include "common/cpu_vec_io.h"
 #include "common/philox.h"
 #include "common/philox_cpu.h"
 
@@ -43,8 +45,8 @@ constexpr int64_t kW = Vec::size();
 void load_row(const void* src, at::ScalarType dtype, float* dst, int64_t n) {
   switch (dtype) {
     case at::kFloat: std::memcpy(dst, src, n * sizeof(float)); break;
-    case at::kHalf: at::vec::convert(static_cast<const c10::Half*>(src), dst, n); break;
-    case at::kBFloat16: at::vec::convert(static_cast<const c10::BFloat16*>(src), dst, n); break;
+    case at::kHalf: cpu_vec::load_row(static_cast<const c10::Half*>(src), dst, n); break;
+    case at::kBFloat16: cpu_vec::load_row(static_cast<const c10::BFloat16*>(src), dst, n); break;
     default: TORCH_CHECK(false, "mmkern norm: unexpected dtype ", dtype);
   }
 }
@@ -53,8 +55,8 @@ void load_row(const void* src, at::ScalarType dtype, float* dst, int64_t n) {
 void store_row(const float* src, at::ScalarType dtype, void* dst, int64_t n) {
   switch (dtype) {
     case at::kFloat: std::memcpy(dst, src, n * sizeof(float)); break;
-    case at::kHalf: at::vec::convert(src, static_cast<c10::Half*>(dst), n); break;
-    case at::kBFloat16: at::vec::convert(src, static_cast<c10::BFloat16*>(dst), n); break;
+    case at::kHalf: cpu_vec::store_row(src, static_cast<c10::Half*>(dst), n); break;
+    case at::kBFloat16: cpu_vec::store_row(src, static_cast<c10::BFloat16*>(dst), n); break;
     default: TORCH_CHECK(false, "mmkern norm: unexpected dtype ", dtype);
   }
 }

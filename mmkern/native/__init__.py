@@ -17,6 +17,10 @@ Helpers for adapter modules:
     missing_op_reasons(*names, device=None)
                                reasons (not exceptions) when the loaded build lacks an op, or lacks
                                its kernel for a device type ("cpu"/"cuda")
+
+The C++ CPU kernels recycle their output buffers (csrc/common/cpu_output.h: freed outputs are kept, up to
+MMKERN_CPU_OUTPUT_CACHE_MIB, default 1024, and reused already mapped instead of paying a page fault per 4 KiB
+again): `cpu_output_cache()` says what it holds, `release_cpu_output_cache()` gives it back to the system.
 """
 from __future__ import annotations
 
@@ -206,3 +210,24 @@ for _backend in BACKENDS:
 # the KV-cache append of flash_attn_with_kvcache is one indexed copy: the cpu backend takes torch's (as triton does)
 register_kernel("kvcache_append", "cpu", LazyFunction("mmkern.torch_backend.kvcache", "kvcache_append"),
                 LazyFunction("mmkern.torch_backend.kvcache", "kvcache_append_reasons"))
+
+
+def cpu_output_cache(limit_mib: int | None = None) -> dict:
+    """What the C++ CPU kernels' output cache holds: {"held_bytes", "held_buffers", "reuses", "fresh",
+    "limit_mib"} (reuses / fresh: outputs of at least 64 KiB served from it / newly allocated, since the process
+    started). limit_mib sets the most it may hold first (0: none, every output freshly allocated; what is held
+    above the new limit is freed); the default comes from MMKERN_CPU_OUTPUT_CACHE_MIB (1024 when unset)."""
+    if limit_mib is not None and (isinstance(limit_mib, bool) or not isinstance(limit_mib, int) or limit_mib < 0):
+        raise ValueError(f"mmkern.native.cpu_output_cache: limit_mib must be an int >= 0 or None; got {limit_mib!r}")
+    held_bytes, held_buffers, reuses, fresh, limit = cpp_op("cpu_output_cache")(False, -1 if limit_mib is None
+                                                                                 else limit_mib)
+    return {"held_bytes": held_bytes, "held_buffers": held_buffers, "reuses": reuses, "fresh": fresh,
+            "limit_mib": limit}
+
+
+def release_cpu_output_cache() -> int:
+    """Frees the output buffers the C++ CPU kernels hold for reuse (as torch.cuda.empty_cache does for CUDA
+    memory); returns the bytes released. Outputs still alive are not touched."""
+    held = cpu_output_cache()["held_bytes"]
+    cpp_op("cpu_output_cache")(True, -1)
+    return held
