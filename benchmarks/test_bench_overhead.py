@@ -1,11 +1,12 @@
 """The per-call cost of mmkern's op layer on the eager fast path: a tiny call through the public function
 against the chosen backend's kernel called directly on a prepared problem record, side by side:
 
-    public   mmkern.diffusion.add_noise (4x4x8x8) / mmkern.flash_attn_func (B1 L16 H2 D16), auto dispatch:
+    public   mmkern.diffusion.add_noise (4x4x8x8) / mmkern.flash_attn_func (B1 L16 H2 D16) /
+             mmkern.layer_norm_residual (4x64, prenorm, a decode-time norm), auto dispatch:
              argument normalisation, the problem record (built and validated once), ranking the backends,
              the kernel
     kernel   the backend auto picks, its run(problem) on a record built beforehand: the kernel's own time
-    torch    what a user would write instead (the eager formula / F.scaled_dot_product_attention)
+    torch    what a user would write instead (the eager formula / F.scaled_dot_product_attention / add + F.layer_norm)
 
 The issue's goal on the 2-core CI machine: public - kernel <= 10 us. Host clock (device="cpu").
 """
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 import mmkern
 from mmkern import dispatch
 
-CALLS = ["add_noise", "attention"]
+CALLS = ["add_noise", "attention", "layer_norm_residual"]
 IMPLS = ["public", "kernel", "torch"]
 
 
@@ -41,11 +42,25 @@ def _attention():
     return public, "attention_forward", problem, lambda: F.scaled_dot_product_attention(qt, qt, qt, is_causal=True)
 
 
+def _layer_norm_residual():
+    x, residual = torch.randn(4, 64), torch.randn(4, 64)
+    weight, bias = torch.randn(64), torch.randn(64)
+    public = lambda: mmkern.layer_norm_residual(x, residual, weight, bias, prenorm=True)  # noqa: E731
+    problem = dispatch.problem("norm_residual_forward", x=x, residual=residual, weight=weight, bias=bias, eps=1e-5,
+                               dropout_p=0.0, dropout_seed=None, residual_in_fp32=False, is_rms_norm=False)
+
+    def torch_formula():
+        pre = x + residual
+        return F.layer_norm(pre, (64,), weight, bias), pre
+    return public, "norm_residual_forward", problem, torch_formula
+
+
 @pytest.mark.parametrize("call", CALLS)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_call_overhead(bench, benchmark, impl, call):
     benchmark.group = f"per-call overhead {call}"
-    public, op, problem, torch_call = {"add_noise": _add_noise, "attention": _attention}[call]()
+    public, op, problem, torch_call = {"add_noise": _add_noise, "attention": _attention,
+                                       "layer_norm_residual": _layer_norm_residual}[call]()
     if impl == "public":
         fn = public
     elif impl == "kernel":

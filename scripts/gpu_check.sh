@@ -140,7 +140,8 @@ PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rfEs)
 "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout=120)
 XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && [[ $DRY_RUN == 0 ]] && XDIST=(-n 8)
-BENCH_SELECT=(-k "not torch_compile")
+# the CPU bandwidth rows (test_bench_cpu_bandwidth.py) measure the host's memory, not the GPU: CPU runs take them
+BENCH_SELECT=(-k "not torch_compile and not test_cpu_bandwidth")
 BENCH_OPTS=(--benchmark-only --benchmark-group-by=group --benchmark-max-time=0.1 --benchmark-min-rounds=5
             --benchmark-columns=median,rounds --benchmark-sort=name)
 
