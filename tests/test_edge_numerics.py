@@ -72,7 +72,9 @@ def test_scores_beyond_the_half_range_are_accumulated_in_fp32(backend, dtype):
     want_out, want_lse = _oracle(fn, q, k, v)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     assert _ulps(out, want_out, dtype) <= 4
-    assert _ulps(lse, want_lse, torch.float32) <= 64
+    # fp32 lse: scores kept in fp32 land within a few hundred ulps (torch's CPU flash reached 92 on one CI draw);
+    # scores rounded to bf16/fp16 anywhere would be off by ~2^-8 / 2^-11 relative, 4096-32768 ulps
+    assert _ulps(lse, want_lse, torch.float32) <= 256
 
 
 @pytest.mark.parametrize("backend", ATTN)
