@@ -65,6 +65,7 @@ class Mutant:
     tests: tuple[str, ...]      # pytest node ids, relative to the repository root
     rebuild: bool = True        # C++ only: False when the tests compile the edited header themselves
     needs_avx2: bool = False    # the mutated code is compiled only for AVX2 CPUs: SKIPPED elsewhere
+    needs_avx512: bool = False  # the mutated code runs only on CPUs with AVX-512F (chosen at run time): SKIPPED elsewhere
 
     @property
     def backend(self) -> str:
@@ -254,7 +255,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "acc = _mm512_mask_add_ps(acc, lanes, acc, e);",
            "acc = _mm512_add_ps(acc, e);",
            "softmax (AVX-512): the zero-filled lanes past a row's end (e^(0 - m)) added into the row sum",
-           (CA + "test_flash_attn_func_on_cpu_matches_oracle[plain D8]",)),
+           (CA + "test_flash_attn_func_on_cpu_matches_oracle[plain D8]",), needs_avx512=True),
     Mutant("attn-cpu-exp-avx2-nan-not-kept", "attention", AE,
            "return _mm256_blendv_ps(e, v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));",
            "return e;",
@@ -364,6 +365,19 @@ def prove_import(copy: Path, env: dict) -> str:
     if Path(csrc).resolve() != (copy / "csrc").resolve():
         raise Setup(f"mmkern.build compiles {csrc}, not the copy's csrc/")
     return f"{module} (csrc {csrc}, build dir {build_dir}, CPU ISA {isa})", isa
+
+
+def cpu_runs_avx512() -> bool:
+    """Whether the C++ kernels' run-time choice lands on their AVX-512 functions here: the CPU has AVX-512F
+    (Linux's /proc/cpuinfo; elsewhere torch's own probe) and MMKERN_CPU_ISA does not force AVX2 or the portable path."""
+    if os.environ.get("MMKERN_CPU_ISA", "auto") in ("avx2", "default"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        import torch
+        return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    return re.search(r"^flags\s*:.*\bavx512f\b", flags, re.M) is not None
 
 
 # ============================================================================ running tests and builds
@@ -609,7 +623,8 @@ def select(only) -> list[Mutant]:
 
 def list_mutants() -> None:
     for m in MUTANTS:
-        flags = ("" if m.rebuild else ", no rebuild") + (", AVX2 only" if m.needs_avx2 else "")
+        flags = (("" if m.rebuild else ", no rebuild") + (", AVX2 only" if m.needs_avx2 else "")
+                 + (", AVX-512 CPUs only" if m.needs_avx512 else ""))
         print(f"{m.name}  ({m.family}, {m.backend}{flags})\n    {m.path}: {m.what}")
         for t in m.tests:
             print(f"    test: {t}")
@@ -677,8 +692,14 @@ def _run(chosen: list[Mutant], tmp: Path, args) -> int:
             for m in [m for m in mutants if m.needs_avx2]:
                 reporter.add(Result(m, "SKIPPED", "its code is compiled only for AVX2 CPUs; this build is " + isa, 0.0))
             mutants = [m for m in mutants if not m.needs_avx2]
-            if not mutants:
-                continue
+        if isa != "avx2" or not cpu_runs_avx512():
+            # the AVX-512 functions are compiled into every AVX2 build but chosen only where the CPU has AVX-512F
+            for m in [m for m in mutants if m.needs_avx512]:
+                reporter.add(Result(m, "SKIPPED", "its code runs only on CPUs with AVX-512F; this one lacks it "
+                                    "(or MMKERN_CPU_ISA forces another path)", 0.0))
+            mutants = [m for m in mutants if not m.needs_avx512]
+        if not mutants:
+            continue
         if kind == "python":
             pipelines.append((kind, lambda c=copy, e=env, ms=mutants: triton_pipeline(c, e, ms, reporter, stop)))
         else:
