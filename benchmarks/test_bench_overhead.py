@@ -3,8 +3,11 @@ against the chosen backend's kernel called directly on a prepared problem record
 
     public   mmkern.diffusion.add_noise (4x4x8x8) / mmkern.flash_attn_func (B1 L16 H2 D16) /
              mmkern.layer_norm_residual (4x64, prenorm, a decode-time norm), auto dispatch:
-             argument normalisation, the problem record (built and validated once), ranking the backends,
-             the kernel
+             argument normalisation, the problem record, the kernel; the metadata checks and the ranking of
+             the backends run on the first call of a signature only (dispatch.call_memoized), the value
+             checks (timesteps within the table) on every call
+    public_unmemoized  the same with the per-signature memo emptied before every call: what each call cost
+             before the memo (the checks and the ranking every time)
     kernel   the backend auto picks, its run(problem) on a record built beforehand: the kernel's own time
     torch    what a user would write instead (the eager formula / F.scaled_dot_product_attention / add + F.layer_norm)
 
@@ -18,7 +21,7 @@ import mmkern
 from mmkern import dispatch
 
 CALLS = ["add_noise", "attention", "layer_norm_residual"]
-IMPLS = ["public", "kernel", "torch"]
+IMPLS = ["public", "public_unmemoized", "kernel", "torch"]
 
 
 def _add_noise():
@@ -63,6 +66,10 @@ def test_call_overhead(bench, benchmark, impl, call):
                                        "layer_norm_residual": _layer_norm_residual}[call]()
     if impl == "public":
         fn = public
+    elif impl == "public_unmemoized":
+        def fn():
+            dispatch.forget_selections()       # every call a first call: the full checks and the ranking again
+            return public()
     elif impl == "kernel":
         backend = dispatch.select(op, problem)
         benchmark.extra_info["backend"] = backend

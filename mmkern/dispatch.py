@@ -2,7 +2,9 @@
 
 Every torch op of mmkern (see mmkern/ops/) builds one *problem record* from its flat schema arguments
 (a frozen dataclass, validated once: `AttentionProblem`, `NormProblem`, ...) and hands it to
-`call(op, problem)`. A *backend* is a family of kernels (``cuda``, ``triton``, ``cpu``, ``torch``,
+`call(op, problem)`; the forward ops go through `call_memoized`, which validates and ranks each call
+*signature* (dtypes, shapes, strides, devices, argument values) once and reuses the choice (see
+"per-signature memo"). A *backend* is a family of kernels (``cuda``, ``triton``, ``cpu``, ``torch``,
 ``reference``); for each op it implements it registers a *kernel*: ``run(problem)`` and
 ``reasons(problem) -> list[str]``, the reasons it cannot take this problem (xformers'
 ``not_supported_reasons``; ``[]`` = it can).
@@ -109,6 +111,7 @@ def register_kernel(op: str, backend: str, run: Callable[[object], object],
                     reasons: Callable[[object], list[str]] | None = None) -> None:
     _check_op(op)
     _BACKENDS[backend].kernels[op] = Kernel(run) if reasons is None else Kernel(run, reasons)
+    forget_selections()
 
 
 class LazyFunction:
@@ -157,6 +160,7 @@ def environment_reasons(name: str) -> list[str]:
 
 def forget_environment() -> None:
     _ENVIRONMENT.clear()
+    forget_selections()
 
 
 def backends() -> dict[str, Backend]:
@@ -333,12 +337,72 @@ class dispatch_log:
 
 def call(op: str, problem):
     """Run `op` on the selected backend."""
-    name = select(op, problem)
+    return _run(op, select(op, problem), problem)
+
+
+def _run(op: str, name: str, problem):
     if _LOGS:
         with _LOGS_LOCK:
             for log in _LOGS:
                 log.record(op, name, problem)
     return _BACKENDS[name].kernels[op].run(problem)
+
+
+# --------------------------------------------------------------------------- per-signature memo
+
+# A server's decode step or a sampler's loop calls the same op on the same shapes thousands of times, and on a
+# CPU the kernel of such a call takes a few microseconds: validating the arguments again (~9 us for add_noise's
+# four tensors on the 2-core CI machine) and ranking the backends again (~5 us) would cost more than the kernel.
+# Both depend only on the call's *signature*: each tensor's dtype, shape, strides, device and requires_grad,
+# and every other argument's type and value (the backends' reasons read nothing else: no tensor data, no
+# address, no global state but their environment, which forget_environment() resets). So the first call of a
+# signature is validated in full and its backend chosen; later calls build the record without the metadata
+# checks (value checks, e.g. timesteps within the table, still run: they read data) and take the memo's backend.
+#   signature (op, forced backend, per argument) -> backend name; cleared whole when it reaches MEMO_LIMIT.
+MEMO_LIMIT = 4096
+_SELECTED: dict[tuple, str] = {}
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def forget_selections() -> None:
+    """Empty the per-signature memo (a kernel or backend registered, the environment asked again; tests that
+    patch a backend's reasons call it too)."""
+    _SELECTED.clear()
+
+
+def _signature(op: str, args: tuple, options: dict) -> tuple | None:
+    """The memo key of a call, or None when the call must not be memoized (a tensor subclass: FakeTensor,
+    DTensor, ... whose metadata may not be what the checks saw). Every argument's type is in it (True == 1 ==
+    1.0 as keys, but only one of them may be valid), then per tensor its metadata, per other argument its value."""
+    key = [op, _forced.get() or os.environ.get(ENV_VAR), *options.items(), tuple(map(type, args))]
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if type(a) not in _PLAIN_TENSORS:
+                return None
+            key.append((a.dtype, a.shape, a.stride(), a.device, a.requires_grad))
+        else:
+            key.append(a)
+    return tuple(key)
+
+
+def call_memoized(op: str, build: Callable[..., object], *args, **options):
+    """Run `op` on `build(*args, **options)` (its problem builder, whose keyword `validate` turns its metadata
+    checks on and off) through the per-signature memo above: validated in full and ranked the first time a
+    signature is seen, the record built with validate=False and the memo's backend after that."""
+    key = _signature(op, args, options)
+    try:
+        name = _SELECTED.get(key) if key is not None else None
+    except TypeError:           # an unhashable argument (a list): no memo for this call
+        key = name = None
+    if name is not None and op in _BACKENDS[name].kernels:
+        return _run(op, name, build(*args, validate=False, **options))
+    problem = build(*args, **options)
+    name = select(op, problem)
+    if key is not None:
+        if len(_SELECTED) >= MEMO_LIMIT:
+            _SELECTED.clear()
+        _SELECTED[key] = name
+    return _run(op, name, problem)
 
 
 # --------------------------------------------------------------------------- explain

@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import mmkern  # noqa: E402,F401  (registers the ops)
-from mmkern import verify  # noqa: E402
+from mmkern import dispatch, verify  # noqa: E402
 from mmkern.ops._rng import _SEED_RANGE
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -111,6 +111,16 @@ def _fresh_seed(request):
     """Random inputs of their own in every test, reproducible from the test's name and MMKERN_TEST_SEED."""
     torch.manual_seed((zlib.crc32(request.node.nodeid.encode()) ^ TEST_SEED) % 2**31)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dispatch_memo():
+    """An empty per-signature memo (mmkern.dispatch.call_memoized) in every test: tests monkeypatch backends'
+    kernels and reasons, which the memo's backends were chosen under, and the first call of a signature in each
+    test then goes through the full validation."""
+    dispatch.forget_selections()
+    yield
+    dispatch.forget_selections()
 
 
 def softmax_rows(scores: torch.Tensor) -> torch.Tensor:

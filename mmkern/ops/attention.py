@@ -34,10 +34,10 @@ def attention_forward(
     dropout_p: float, dropout_seed: Optional[Tensor], deterministic: bool,
 ) -> tuple[Tensor, Tensor]:
     """Returns (out like q, lse float32: (B, H, Lq) dense or (H, total_q) varlen); see AttentionProblem."""
-    problem = build(_FORWARD, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
-                    softmax_scale, causal, causal_bottom_right, window_left, window_right, softcap, alibi_slopes,
-                    attn_mask, dropout_p, dropout_seed, deterministic, read_values=True)
-    return dispatch.call("attention_forward", problem)
+    return dispatch.call_memoized("attention_forward", build, _FORWARD, q, k, v, cu_seqlens_q, cu_seqlens_k,
+                                  seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, causal_bottom_right,
+                                  window_left, window_right, softcap, alibi_slopes, attn_mask, dropout_p,
+                                  dropout_seed, deterministic, read_values=True)
 
 
 @attention_forward.register_fake

@@ -135,12 +135,13 @@ def build(fn: str, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
           causal, causal_bottom_right, window_left, window_right, softcap, alibi_slopes, attn_mask, dropout_p,
           dropout_seed, deterministic, *, validate: bool = True, read_values: bool = False) -> AttentionProblem:
     """The record of one call from the op's flat arguments. `validate`: the shape/dtype/range checks
-    (no data reads); `read_values`: also check cu_seqlens' values (eager only: reads them)."""
+    (no data reads); `read_values`: also check cu_seqlens' values (eager only: reads them; independent of
+    `validate`, which dispatch.call_memoized turns off for a signature it has validated)."""
     if validate:
         check_attention_inputs(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
                                window_left, window_right, softcap, alibi_slopes, attn_mask, dropout_p)
-        if read_values and cu_seqlens_q is not None:
-            check_varlen_values(fn, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if read_values and cu_seqlens_q is not None:
+        check_varlen_values(fn, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     varlen = cu_seqlens_q is not None
     if varlen:
         batch, seqlen_q, seqlen_k = cu_seqlens_q.shape[0] - 1, 0, 0

@@ -25,7 +25,7 @@ def _define(name: str):
 
     @torch.library.custom_op(qualname, mutates_args=())
     def op(samples: Tensor, noise: Tensor, timesteps: Tensor, alphas_cumprod: Tensor) -> Tensor:
-        return dispatch.call(name, build_noise_mix(name, samples, noise, timesteps, alphas_cumprod))
+        return dispatch.call_memoized(name, build_noise_mix, name, samples, noise, timesteps, alphas_cumprod)
 
     @op.register_fake
     def _(samples, noise, timesteps, alphas_cumprod):

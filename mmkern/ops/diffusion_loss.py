@@ -30,8 +30,8 @@ dispatch.define_problem("diffusion_loss_backward", build_loss_backward)
 @torch.library.custom_op("mmkern::diffusion_loss", mutates_args=())
 def diffusion_loss(model_output: Tensor, original_samples: Tensor, noise: Tensor, timesteps: Tensor,
                    alphas_cumprod: Tensor, prediction_type: str, snr_gamma: float) -> Tensor:
-    return dispatch.call("diffusion_loss", build_loss(model_output, original_samples, noise, timesteps,
-                                                      alphas_cumprod, prediction_type, snr_gamma))
+    return dispatch.call_memoized("diffusion_loss", build_loss, model_output, original_samples, noise, timesteps,
+                                  alphas_cumprod, prediction_type, snr_gamma)
 
 
 @diffusion_loss.register_fake

@@ -72,11 +72,12 @@ def check_loss_inputs(fn, model_output, original_samples, noise, timesteps, alph
 
 
 def build_loss(model_output, original_samples, noise, timesteps, alphas_cumprod, prediction_type, snr_gamma, *,
-               check_values: bool = True) -> LossProblem:
+               validate: bool = True, check_values: bool = True) -> LossProblem:
     """The validated record of one diffusion_loss call (check_values=False, the fake's: no read of the
-    timesteps' values)."""
+    timesteps' values; validate=False: no shape/dtype checks, a signature dispatch.call_memoized has seen)."""
     fn = "mmkern::diffusion_loss"
-    check_loss_inputs(fn, model_output, original_samples, noise, timesteps, alphas_cumprod, prediction_type)
+    if validate:
+        check_loss_inputs(fn, model_output, original_samples, noise, timesteps, alphas_cumprod, prediction_type)
     if check_values:
         check_timestep_values(fn, timesteps, alphas_cumprod)
     return LossProblem(model_output, original_samples, noise, timesteps, alphas_cumprod, prediction_type, snr_gamma)

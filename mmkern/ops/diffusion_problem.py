@@ -110,13 +110,16 @@ def check_timestep_values(fn: str, timesteps: Tensor, alphas_cumprod: Tensor) ->
     check_index_values(fn, "timesteps", timesteps, 0, T - 1, f"len(alphas_cumprod) = {T}")
 
 
-def build_noise_mix(op: str, samples, noise, timesteps, alphas_cumprod, *, check_values: bool = True):
+def build_noise_mix(op: str, samples, noise, timesteps, alphas_cumprod, *, validate: bool = True,
+                    check_values: bool = True):
     """The validated record of one add_noise / get_velocity call. check_values=False (the fake implementation)
-    skips the range check of the timesteps' values, which reads them."""
+    skips the range check of the timesteps' values, which reads them; validate=False the shape/dtype checks (a
+    signature already validated: dispatch.call_memoized)."""
     qualname = f"mmkern::{op}"
     velocity = op == "get_velocity"
     samples_name = "sample" if velocity else "original_samples"
-    check_schedule_inputs(qualname, samples_name, samples, noise, timesteps, alphas_cumprod)
+    if validate:
+        check_schedule_inputs(qualname, samples_name, samples, noise, timesteps, alphas_cumprod)
     if check_values:
         check_timestep_values(qualname, timesteps, alphas_cumprod)
     return NoiseMixProblem(samples, noise, timesteps, alphas_cumprod, velocity)

@@ -38,9 +38,9 @@ def ddpm_step(model_output: Tensor, sample: Tensor, timesteps: Tensor, prev_time
               alphas_cumprod: Tensor, noise: Tensor | None, prediction_type: str, variance_type: str,
               clip_sample_range: float, dynamic_thresholding_ratio: float,
               sample_max_value: float) -> tuple[Tensor, Tensor]:
-    return dispatch.call("ddpm_step", build_ddpm_step(
-        model_output, sample, timesteps, prev_timesteps, alphas_cumprod, noise, prediction_type, variance_type,
-        clip_sample_range, dynamic_thresholding_ratio, sample_max_value))
+    return dispatch.call_memoized(
+        "ddpm_step", build_ddpm_step, model_output, sample, timesteps, prev_timesteps, alphas_cumprod, noise,
+        prediction_type, variance_type, clip_sample_range, dynamic_thresholding_ratio, sample_max_value)
 
 
 @ddpm_step.register_fake
@@ -59,9 +59,10 @@ def ddim_step(model_output: Tensor, sample: Tensor, timesteps: Tensor, prev_time
               alphas_cumprod: Tensor, final_alpha_cumprod: float, eta: float, noise: Tensor | None,
               prediction_type: str, clip_sample_range: float, dynamic_thresholding_ratio: float,
               sample_max_value: float, use_clipped_model_output: bool) -> tuple[Tensor, Tensor]:
-    return dispatch.call("ddim_step", build_ddim_step(
-        model_output, sample, timesteps, prev_timesteps, alphas_cumprod, final_alpha_cumprod, eta, noise,
-        prediction_type, clip_sample_range, dynamic_thresholding_ratio, sample_max_value, use_clipped_model_output))
+    return dispatch.call_memoized(
+        "ddim_step", build_ddim_step, model_output, sample, timesteps, prev_timesteps, alphas_cumprod,
+        final_alpha_cumprod, eta, noise, prediction_type, clip_sample_range, dynamic_thresholding_ratio,
+        sample_max_value, use_clipped_model_output)
 
 
 @ddim_step.register_fake
@@ -79,8 +80,8 @@ def _(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, final_alp
 def euler_step(model_output: Tensor, sample: Tensor, step_index: Tensor, sigmas: Tensor, noise: Tensor | None,
                prediction_type: str, gamma: float, s_tmin: float, s_tmax: float,
                s_noise: float) -> tuple[Tensor, Tensor]:
-    return dispatch.call("euler_step", build_euler_step(model_output, sample, step_index, sigmas, noise,
-                                                        prediction_type, gamma, s_tmin, s_tmax, s_noise))
+    return dispatch.call_memoized("euler_step", build_euler_step, model_output, sample, step_index, sigmas, noise,
+                                  prediction_type, gamma, s_tmin, s_tmax, s_noise)
 
 
 @euler_step.register_fake
@@ -92,7 +93,8 @@ def _(model_output, sample, step_index, sigmas, noise, prediction_type, gamma, s
 
 @torch.library.custom_op("mmkern::euler_scale_model_input", mutates_args=())
 def euler_scale_model_input(sample: Tensor, step_index: Tensor, sigmas: Tensor) -> Tensor:
-    return dispatch.call("euler_scale_model_input", build_euler_scale_model_input(sample, step_index, sigmas))
+    return dispatch.call_memoized("euler_scale_model_input", build_euler_scale_model_input, sample, step_index,
+                                  sigmas)
 
 
 @euler_scale_model_input.register_fake
@@ -104,7 +106,8 @@ def _(sample, step_index, sigmas):
 @torch.library.custom_op("mmkern::euler_add_noise", mutates_args=())
 def euler_add_noise(original_samples: Tensor, noise: Tensor, step_index: Tensor, sigmas: Tensor) -> Tensor:
     """x + sigmas[i] * noise per sample: EulerDiscreteScheduler.add_noise."""
-    return dispatch.call("euler_add_noise", build_euler_add_noise(original_samples, noise, step_index, sigmas))
+    return dispatch.call_memoized("euler_add_noise", build_euler_add_noise, original_samples, noise, step_index,
+                                  sigmas)
 
 
 @euler_add_noise.register_fake

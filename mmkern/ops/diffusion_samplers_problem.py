@@ -197,12 +197,13 @@ def _check_alpha_values(fn, timesteps, prev_timesteps, alphas_cumprod):
 
 def build_ddpm_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, noise, prediction_type,
                     variance_type, clip_sample_range, dynamic_thresholding_ratio, sample_max_value, *,
-                    check_values: bool = True) -> DDPMProblem:
+                    validate: bool = True, check_values: bool = True) -> DDPMProblem:
     """The validated record of one ddpm_step call (check_values=False, the fake's: no read of index values)."""
     fn = "mmkern::ddpm_step"
-    _check_alpha_step(fn, model_output, sample, timesteps, prev_timesteps, alphas_cumprod, noise, prediction_type,
-                      clip_sample_range, dynamic_thresholding_ratio, sample_max_value, learned_split=True)
-    check_variance_type(fn, variance_type, model_output, sample)
+    if validate:
+        _check_alpha_step(fn, model_output, sample, timesteps, prev_timesteps, alphas_cumprod, noise, prediction_type,
+                          clip_sample_range, dynamic_thresholding_ratio, sample_max_value, learned_split=True)
+        check_variance_type(fn, variance_type, model_output, sample)
     if check_values:
         _check_alpha_values(fn, timesteps, prev_timesteps, alphas_cumprod)
     return DDPMProblem(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, noise, prediction_type,
@@ -211,13 +212,14 @@ def build_ddpm_step(model_output, sample, timesteps, prev_timesteps, alphas_cump
 
 def build_ddim_step(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, final_alpha_cumprod, eta, noise,
                     prediction_type, clip_sample_range, dynamic_thresholding_ratio, sample_max_value,
-                    use_clipped_model_output, *, check_values: bool = True) -> DDIMProblem:
+                    use_clipped_model_output, *, validate: bool = True, check_values: bool = True) -> DDIMProblem:
     """The validated record of one ddim_step call (check_values=False, the fake's: no read of index values)."""
     fn = "mmkern::ddim_step"
-    _check_alpha_step(fn, model_output, sample, timesteps, prev_timesteps, alphas_cumprod, noise, prediction_type,
-                      clip_sample_range, dynamic_thresholding_ratio, sample_max_value)
-    _check_float(fn, "eta", eta, 0.0)
-    _check_float(fn, "final_alpha_cumprod", final_alpha_cumprod, 0.0, 1.0)
+    if validate:
+        _check_alpha_step(fn, model_output, sample, timesteps, prev_timesteps, alphas_cumprod, noise, prediction_type,
+                          clip_sample_range, dynamic_thresholding_ratio, sample_max_value)
+        _check_float(fn, "eta", eta, 0.0)
+        _check_float(fn, "final_alpha_cumprod", final_alpha_cumprod, 0.0, 1.0)
     if check_values:
         _check_alpha_values(fn, timesteps, prev_timesteps, alphas_cumprod)
     return DDIMProblem(model_output, sample, timesteps, prev_timesteps, alphas_cumprod, final_alpha_cumprod, eta,
@@ -235,10 +237,11 @@ def _check_euler(fn, model_output, sample, step_index, sigmas, noise, prediction
 
 
 def build_euler_step(model_output, sample, step_index, sigmas, noise, prediction_type, gamma, s_tmin, s_tmax,
-                     s_noise, *, check_values: bool = True) -> EulerStepProblem:
+                     s_noise, *, validate: bool = True, check_values: bool = True) -> EulerStepProblem:
     """The validated record of one euler_step call (check_values=False, the fake's: no read of index values)."""
     fn = "mmkern::euler_step"
-    _check_euler(fn, model_output, sample, step_index, sigmas, noise, prediction_type, gamma, s_noise)
+    if validate:
+        _check_euler(fn, model_output, sample, step_index, sigmas, noise, prediction_type, gamma, s_noise)
     if check_values:
         N = sigmas.shape[0]
         check_index_values(fn, "step_index", step_index, 0, N - 2, f"len(sigmas) = {N}: sigmas[i + 1] is read")
@@ -246,10 +249,12 @@ def build_euler_step(model_output, sample, step_index, sigmas, noise, prediction
                             s_noise)
 
 
-def build_euler_scale_model_input(sample, step_index, sigmas, *, check_values: bool = True) -> EulerScaleProblem:
+def build_euler_scale_model_input(sample, step_index, sigmas, *, validate: bool = True,
+                                  check_values: bool = True) -> EulerScaleProblem:
     """The validated record of one euler_scale_model_input call."""
     fn = "mmkern::euler_scale_model_input"
-    check_step_inputs(fn, sample, sample, dict(step_index=step_index), "sigmas", sigmas, None)
+    if validate:
+        check_step_inputs(fn, sample, sample, dict(step_index=step_index), "sigmas", sigmas, None)
     if check_values:
         N = sigmas.shape[0]
         check_index_values(fn, "step_index", step_index, 0, N - 1, f"len(sigmas) = {N}")
@@ -257,10 +262,12 @@ def build_euler_scale_model_input(sample, step_index, sigmas, *, check_values: b
 
 
 def build_euler_add_noise(original_samples, noise, step_index, sigmas, *,
-                          check_values: bool = True) -> EulerAddNoiseProblem:
+                          validate: bool = True, check_values: bool = True) -> EulerAddNoiseProblem:
     """The validated record of one euler_add_noise call."""
     fn = "mmkern::euler_add_noise"
-    check_step_inputs(fn, original_samples, original_samples, dict(step_index=step_index), "sigmas", sigmas, noise)
+    if validate:
+        check_step_inputs(fn, original_samples, original_samples, dict(step_index=step_index), "sigmas", sigmas,
+                          noise)
     if noise is None:
         raise ValueError(f"{fn}: noise must be a tensor like original_samples, got None")
     if check_values:

@@ -35,9 +35,8 @@ def norm_residual_forward(x: Tensor, residual: Optional[Tensor], weight: Optiona
                           eps: float, dropout_p: float, dropout_seed: Optional[Tensor], residual_in_fp32: bool,
                           is_rms_norm: bool, shift: Optional[Tensor] = None,
                           scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    problem = build_norm_forward(x, residual, weight, bias, eps, dropout_p, dropout_seed, residual_in_fp32,
-                                 is_rms_norm, shift, scale)
-    return dispatch.call("norm_residual_forward", problem)
+    return dispatch.call_memoized("norm_residual_forward", build_norm_forward, x, residual, weight, bias, eps,
+                                  dropout_p, dropout_seed, residual_in_fp32, is_rms_norm, shift, scale)
 
 
 @norm_residual_forward.register_fake

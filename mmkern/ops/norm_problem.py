@@ -160,9 +160,11 @@ def check_norm_inputs(fn: str, x, residual, weight, bias, eps, dropout_p, shift=
 
 
 def build_norm_forward(x, residual, weight, bias, eps, dropout_p, dropout_seed, residual_in_fp32, is_rms_norm,
-                       shift=None, scale=None) -> NormForwardProblem:
-    """The validated record of one norm_residual_forward call (shape checks only: safe on fake tensors)."""
-    check_norm_inputs("mmkern::norm_residual_forward", x, residual, weight, bias, eps, dropout_p, shift, scale)
+                       shift=None, scale=None, *, validate: bool = True) -> NormForwardProblem:
+    """The validated record of one norm_residual_forward call (shape checks only: safe on fake tensors;
+    validate=False skips them, for a signature dispatch.call_memoized has seen)."""
+    if validate:
+        check_norm_inputs("mmkern::norm_residual_forward", x, residual, weight, bias, eps, dropout_p, shift, scale)
     return NormForwardProblem(x, residual, weight, bias, eps, dropout_p, dropout_seed, residual_in_fp32, is_rms_norm,
                               shift, scale)
 
