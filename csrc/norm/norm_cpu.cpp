@@ -118,27 +118,23 @@ void apply_dropout(float* a, int64_t n, uint64_t seed, int64_t base, float p, fl
 // ----------------------------------------------------------------------------- forward
 
 // dst = ((src - mean) * rstd * weight + bias) * (1 + scale) + shift in one pass (absent vectors skipped;
-// dst may be src).
-void affine_row(float* dst, const float* src, int64_t n, float mean, float rstd, const float* weight,
+// dst may be src), rounded to T on the store (float: none).
+template <typename T>
+void affine_row(T* dst, const float* src, int64_t n, float mean, float rstd, const float* weight,
                 const float* bias, const float* scale, const float* shift) {
   const Vec vmean(mean), vrstd(rstd), one(1.f);
+  const auto affine = [&](int64_t j, int64_t m) {
+    const auto load = [&](const float* p) { return m == kW ? Vec::loadu(p + j) : Vec::loadu(p + j, m); };
+    Vec v = (load(src) - vmean) * vrstd;
+    if (weight) v = v * load(weight);
+    if (bias) v = v + load(bias);
+    if (scale) v = v * (one + load(scale));
+    if (shift) v = v + load(shift);
+    cpu_vec::vstore(dst + j, v, m);
+  };
   int64_t j = 0;
-  for (; j + kW <= n; j += kW) {
-    Vec v = (Vec::loadu(src + j) - vmean) * vrstd;
-    if (weight) v = v * Vec::loadu(weight + j);
-    if (bias) v = v + Vec::loadu(bias + j);
-    if (scale) v = v * (one + Vec::loadu(scale + j));
-    if (shift) v = v + Vec::loadu(shift + j);
-    v.store(dst + j);
-  }
-  for (; j < n; ++j) {
-    float v = (src[j] - mean) * rstd;
-    if (weight) v *= weight[j];
-    if (bias) v += bias[j];
-    if (scale) v *= 1.f + scale[j];
-    if (shift) v += shift[j];
-    dst[j] = v;
-  }
+  for (; j + kW <= n; j += kW) affine(j, kW);
+  if (j < n) affine(j, n - j);     // the tail as a partial vector: the same operations, so the same roundings
 }
 
 // dst = a + b (b may be null: a copy), float32 rows.
@@ -148,6 +144,24 @@ void add_rows(float* dst, const float* a, const float* b, int64_t n) {
     return;
   }
   at::vec::map2<float>([](Vec u, Vec v) { return u + v; }, dst, a, b, n);
+}
+
+// row = x + residual in float32 (residual may be null) and pre = row rounded to TS, in one loop over the three
+// streams. (Converting x and the residual into scratch rows first, each in a loop of its own, then adding and
+// storing pre in two more, ran the half-precision rows at the float32 rows' time per element: half the
+// bandwidth, one stream in flight at a time.) The roundings are those of that path: one per element, on the
+// store of pre.
+template <typename TX, typename TS>
+void add_convert_row(const TX* x, const TS* residual, float* row, TS* pre, int64_t n) {
+  const auto step = [&](int64_t j, int64_t m) {
+    Vec v = m == kW ? cpu_vec::vload(x + j) : cpu_vec::vload(x + j, m);
+    if (residual) v = v + (m == kW ? cpu_vec::vload(residual + j) : cpu_vec::vload(residual + j, m));
+    if (m == kW) v.store(row + j); else v.store(row + j, m);
+    cpu_vec::vstore(pre + j, v, m);
+  };
+  int64_t j = 0;
+  for (; j + kW <= n; j += kW) step(j, kW);
+  if (j < n) step(j, n - j);
 }
 
 struct ForwardArgs {
@@ -163,12 +177,50 @@ struct ForwardArgs {
   bool dropout, is_rms_norm;
 };
 
+// The half-precision rows without dropout: add_convert_row for x of type TX and the stream (residual, pre) of
+// type TS.
+template <typename TX, typename TS>
+void add_convert_row(const ForwardArgs& a, int64_t r, float* row) {
+  const TS* residual = a.residual ? reinterpret_cast<const TS*>(a.residual + r * a.residual_stride) : nullptr;
+  add_convert_row(reinterpret_cast<const TX*>(a.x + r * a.x_stride), residual, row,
+                  reinterpret_cast<TS*>(a.pre) + r * a.N, a.N);
+}
+
+template <typename TX>
+void add_convert_row_stream(const ForwardArgs& a, int64_t r, float* row) {
+  switch (a.stream_dtype) {            // the residual stream is x's dtype or float32 (norm.cpp: check_stream_pair)
+    case at::kFloat: add_convert_row<TX, float>(a, r, row); break;
+    case at::kHalf: add_convert_row<TX, c10::Half>(a, r, row); break;
+    case at::kBFloat16: add_convert_row<TX, c10::BFloat16>(a, r, row); break;
+    default: TORCH_CHECK(false, "mmkern norm: unexpected stream dtype ", a.stream_dtype);
+  }
+}
+
+// out row r = affine(pre) in x's dtype
+void affine_out_row(const ForwardArgs& a, int64_t r, const float* pre, float mean, float rstd, const float* scale,
+                    const float* shift) {
+  const int64_t offset = r * a.N;
+  switch (a.x_dtype) {
+    case at::kFloat:
+      affine_row(reinterpret_cast<float*>(a.out) + offset, pre, a.N, mean, rstd, a.weight, a.bias, scale, shift);
+      break;
+    case at::kHalf:
+      affine_row(reinterpret_cast<c10::Half*>(a.out) + offset, pre, a.N, mean, rstd, a.weight, a.bias, scale, shift);
+      break;
+    case at::kBFloat16:
+      affine_row(reinterpret_cast<c10::BFloat16*>(a.out) + offset, pre, a.N, mean, rstd, a.weight, a.bias, scale,
+                 shift);
+      break;
+    default: TORCH_CHECK(false, "mmkern norm: unexpected dtype ", a.x_dtype);
+  }
+}
+
 void forward_rows(const ForwardArgs& a, int64_t begin, int64_t end) {
   const int64_t N = a.N;
   std::vector<float> scratch(2 * N);
-  float* row = scratch.data();            // pre (float32), then out
-  float* tmp = row + N;                   // residual
-  const int64_t x_elt = c10::elementSize(a.x_dtype), stream_elt = c10::elementSize(a.stream_dtype);
+  float* row = scratch.data();            // pre (float32)
+  float* tmp = row + N;                   // residual (half-precision rows with dropout)
+  const int64_t stream_elt = c10::elementSize(a.stream_dtype);
   // All float32: read x and residual, write pre and out in place (no conversion copies).
   const bool float_rows = a.x_dtype == at::kFloat && a.stream_dtype == at::kFloat &&
                           (a.residual == nullptr || a.residual_dtype == at::kFloat);
@@ -185,9 +237,17 @@ void forward_rows(const ForwardArgs& a, int64_t begin, int64_t end) {
       add_rows(pre_out, x, a.residual ? reinterpret_cast<const float*>(a.residual + r * a.residual_stride) : nullptr,
                N);
       pre = pre_out;
+    } else if (!a.dropout) {
+      switch (a.x_dtype) {
+        case at::kFloat: add_convert_row_stream<float>(a, r, row); break;
+        case at::kHalf: add_convert_row_stream<c10::Half>(a, r, row); break;
+        case at::kBFloat16: add_convert_row_stream<c10::BFloat16>(a, r, row); break;
+        default: TORCH_CHECK(false, "mmkern norm: unexpected dtype ", a.x_dtype);
+      }
+      pre = row;
     } else {
       load_row(a.x + r * a.x_stride, a.x_dtype, row, N);
-      if (a.dropout) apply_dropout(row, N, a.seed, r * N, a.dropout_p, a.dropout_scale);
+      apply_dropout(row, N, a.seed, r * N, a.dropout_p, a.dropout_scale);
       if (a.residual != nullptr) {
         load_row(a.residual + r * a.residual_stride, a.residual_dtype, tmp, N);
         at::vec::map2<float>([](Vec u, Vec v) { return u + v; }, row, row, tmp, N);
@@ -199,14 +259,8 @@ void forward_rows(const ForwardArgs& a, int64_t begin, int64_t end) {
     if (!a.is_rms_norm) a.mean[r] = mean;
     a.rstd[r] = rstd;
     const int64_t sample = r / a.rows_per_sample;
-    const float* scale = a.scale ? a.scale + sample * N : nullptr;
-    const float* shift = a.shift ? a.shift + sample * N : nullptr;
-    if (a.x_dtype == at::kFloat) {
-      affine_row(reinterpret_cast<float*>(a.out) + r * N, pre, N, mean, rstd, a.weight, a.bias, scale, shift);
-    } else {
-      affine_row(row, pre, N, mean, rstd, a.weight, a.bias, scale, shift);
-      store_row(row, a.x_dtype, a.out + r * N * x_elt, N);
-    }
+    affine_out_row(a, r, pre, mean, rstd, a.scale ? a.scale + sample * N : nullptr,
+                   a.shift ? a.shift + sample * N : nullptr);
   }
 }
 
