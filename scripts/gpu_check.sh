@@ -140,8 +140,9 @@ PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rfEs)
 "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout=120)
 XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && [[ $DRY_RUN == 0 ]] && XDIST=(-n 8)
-# the CPU bandwidth rows (test_bench_cpu_bandwidth.py) measure the host's memory, not the GPU: CPU runs take them
-BENCH_SELECT=(-k "not torch_compile and not test_cpu_bandwidth")
+# the CPU bandwidth and thread-crossover rows (test_bench_cpu_bandwidth.py, test_bench_cpu_threads.py) measure the
+# host's memory and cores, not the GPU: CPU runs take them
+BENCH_SELECT=(-k "not torch_compile and not test_cpu_bandwidth and not test_cpu_thread_crossover")
 BENCH_OPTS=(--benchmark-only --benchmark-group-by=group --benchmark-max-time=0.1 --benchmark-min-rounds=5
             --benchmark-columns=median,rounds --benchmark-sort=name)
 
