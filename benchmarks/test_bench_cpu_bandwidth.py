@@ -111,20 +111,25 @@ def _diffusers_call(op, args):
     return lambda: scheduler.step(model_output, t, sample, eta=0.0)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("mib", SIZES_MIB, ids=lambda m: f"{m}MiB")
-@pytest.mark.parametrize("op,impl", [(op, impl) for op in OPS for impl in IMPLS
-                                     if impl != "diffusers" or op in ("add_noise", "ddim_step")])
-def test_cpu_bandwidth(bench, benchmark, op, mib, dtype, impl):
-    if benchmark.disabled and mib > SIZES_MIB[0]:
+def _row(benchmark, op, mib, dtype, impl, smallest) -> dict:
+    """Skips what this run does not time, names the row's group; returns its extra_info."""
+    if benchmark.disabled and mib > smallest:
         pytest.skip("the smoke run (--benchmark-disable) calls the smallest rows; the larger ones are timed runs")
     if impl.startswith("mmkern"):
         skip_unless_backend("cpu")
     name = str(dtype).replace("torch.", "")
     benchmark.group = f"cpu bandwidth {op} {mib}MiB {name}"
-    info = dict(op=op, impl=impl, series=f"cpu bandwidth {op} {name}", x=mib, x_label="MiB per tensor",
-                shape=f"{mib}MiB", dtype=name, threads=torch.get_num_threads())
     torch.manual_seed(0)
+    return dict(op=op, impl=impl, series=f"cpu bandwidth {op} {name}", x=mib, x_label="MiB per tensor",
+                shape=f"{mib}MiB", dtype=name, threads=torch.get_num_threads())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("mib", SIZES_MIB, ids=lambda m: f"{m}MiB")
+@pytest.mark.parametrize("op,impl", [(op, impl) for op in OPS for impl in IMPLS
+                                     if impl != "diffusers" or op in ("add_noise", "ddim_step")])
+def test_cpu_bandwidth(bench, benchmark, op, mib, dtype, impl):
+    info = _row(benchmark, op, mib, dtype, impl, SIZES_MIB[0])
     args, mine = _inputs(op, mib, dtype)
     if impl == "copy":
         src = args[0]
@@ -292,15 +297,7 @@ _COMPILED_VARIANTS = {}
                                      for impl in ("mmkern_cpu", "torch_eager", "torch_compile", "diffusers")
                                      if impl != "diffusers" or op == "get_velocity"])
 def test_cpu_bandwidth_variants(bench, benchmark, op, mib, dtype, impl):
-    if benchmark.disabled and mib > VARIANT_SIZES_MIB[0]:
-        pytest.skip("the smoke run (--benchmark-disable) calls the smallest rows; the larger ones are timed runs")
-    if impl == "mmkern_cpu":
-        skip_unless_backend("cpu")
-    name = str(dtype).replace("torch.", "")
-    benchmark.group = f"cpu bandwidth {op} {mib}MiB {name}"
-    info = dict(op=op, impl=impl, series=f"cpu bandwidth {op} {name}", x=mib, x_label="MiB per tensor",
-                shape=f"{mib}MiB", dtype=name, threads=torch.get_num_threads())
-    torch.manual_seed(0)
+    info = _row(benchmark, op, mib, dtype, impl, VARIANT_SIZES_MIB[0])
     mine, expression, args, extra = _variant(op, mib, dtype)
     bytes_moved = VARIANTS[op] * mib * 2**20
     grad = op.endswith("_backward")
