@@ -18,14 +18,18 @@ from mmkern import torch_backend as _torch_backend  # noqa: F401  (registers tor
 from mmkern import triton as _triton  # noqa: F401  (registers the Triton kernels, lazily)
 from mmkern import native as _native  # noqa: F401  (registers the C++/CUDA kernels of mmkern._C, lazily)
 from mmkern.dispatch import NoBackendError, available_backends, backend, dispatch_log, explain
-from mmkern.attention import (flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache,
-                              scaled_dot_product_attention)
+from mmkern.attention import (flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func,
+                              flash_attn_varlen_func, flash_attn_varlen_kvpacked_func,
+                              flash_attn_varlen_qkvpacked_func, flash_attn_with_kvcache, scaled_dot_product_attention)
 from mmkern.norm import layer_norm_residual, rms_norm_residual
+from mmkern.rotary import apply_rotary_emb
 from mmkern import diffusion
 from mmkern import nn
 
 __all__ = [
     "__version__", "NoBackendError", "available_backends", "backend", "dispatch_log", "explain", "diffusion", "nn",
-    "flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache", "scaled_dot_product_attention",
-    "layer_norm_residual", "rms_norm_residual",
+    "flash_attn_func", "flash_attn_varlen_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func", "flash_attn_with_kvcache",
+    "scaled_dot_product_attention",
+    "layer_norm_residual", "rms_norm_residual", "apply_rotary_emb",
 ]

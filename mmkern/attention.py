@@ -16,6 +16,7 @@ import torch
 
 from mmkern.ops import attention as ops
 from mmkern.ops import _eager as eager
+from mmkern.ops import rotary as rotary_ops
 from mmkern.ops._checks import FLOAT_DTYPES, check_tensor, last_dim_contiguous
 from mmkern.ops._rng import draw_seed
 
@@ -70,6 +71,26 @@ def _prepared(fn, q, k, v, dropout_p, softmax_scale, window_size, softcap, alibi
                 window_right=right, softcap=_softcap(fn, softcap), alibi_slopes=alibi_slopes, dropout_seed=seed)
 
 
+def _attend(fn, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+            return_lse, **varlen):
+    """The body of every flash-attn function (dense, varlen, packed): one ops.attention call; varlen is
+    cu_seqlens_q/_k and max_seqlen_q/_k, or nothing for a dense batch."""
+    arguments = _prepared(fn, q, k, v, dropout_p, softmax_scale, window_size, softcap, alibi_slopes)
+    out, lse = ops.attention(**arguments, **varlen, causal=bool(causal), deterministic=bool(deterministic))
+    return (out, lse) if return_lse else out
+
+
+def _unpacked(fn: str, name: str, packed, layout: tuple) -> tuple[torch.Tensor, ...]:
+    """packed's views along the dimension of `layout` given as an int (3 for qkv, 2 for kv): unbind makes views,
+    never a copy (their last dimension is contiguous when packed's is; last_dim_contiguous in _prepared handles
+    the other case), and autograd through them hands back one gradient of packed's shape (dqkv, dkv)."""
+    check_tensor(fn, name, packed, dtypes=FLOAT_DTYPES)
+    dim, n = next((i, n) for i, n in enumerate(layout) if isinstance(n, int))
+    if packed.dim() != len(layout) or packed.shape[dim] != n:
+        raise ValueError(f"{fn}: {name} must have shape ({', '.join(map(str, layout))}); got {tuple(packed.shape)}")
+    return packed.unbind(dim)
+
+
 _FEATURES_DOC = """
     dropout_p: float in [0, 1), the probability of dropping each attention weight (training only; the mask
         is drawn from torch's generator, so torch.manual_seed reproduces it).
@@ -86,10 +107,8 @@ _FEATURES_DOC = """
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                     alibi_slopes=None, deterministic=False, return_lse=False):
-    fn = "mmkern.flash_attn_func"
-    arguments = _prepared(fn, q, k, v, dropout_p, softmax_scale, window_size, softcap, alibi_slopes)
-    out, lse = ops.attention(**arguments, causal=bool(causal), deterministic=bool(deterministic))
-    return (out, lse) if return_lse else out
+    return _attend("mmkern.flash_attn_func", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                   alibi_slopes, deterministic, return_lse)
 
 
 flash_attn_func.__doc__ = """Exact attention on (batch, seqlen, heads, head_dim) tensors, as flash_attn.flash_attn_func.
@@ -106,12 +125,9 @@ flash_attn_func.__doc__ = """Exact attention on (batch, seqlen, heads, head_dim)
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                            deterministic=False, return_lse=False):
-    fn = "mmkern.flash_attn_varlen_func"
-    arguments = _prepared(fn, q, k, v, dropout_p, softmax_scale, window_size, softcap, alibi_slopes)
-    out, lse = ops.attention(**arguments, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                             max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, causal=bool(causal),
-                             deterministic=bool(deterministic))
-    return (out, lse) if return_lse else out
+    return _attend("mmkern.flash_attn_varlen_func", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                   alibi_slopes, deterministic, return_lse, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                   max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
 
 
 flash_attn_varlen_func.__doc__ = """Attention over a packed batch of variable-length sequences, as flash_attn.flash_attn_varlen_func.
@@ -126,14 +142,150 @@ flash_attn_varlen_func.__doc__ = """Attention over a packed batch of variable-le
     """
 
 
-def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, softmax_scale=None, causal=False,
-                            window_size=(-1, -1), softcap=0.0, alibi_slopes=None, return_lse=False):
+# The packed layouts (flash-attn's); the int is the packed dimension and its size.
+_QKV = ("batch", "seqlen", 3, "heads", "head_dim")
+_KV = ("batch", "seqlen_k", 2, "kv_heads", "head_dim")
+_VARLEN_QKV = ("total", 3, "heads", "head_dim")
+_VARLEN_KV = ("total_k", 2, "kv_heads", "head_dim")
+
+
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                              alibi_slopes=None, deterministic=False, return_lse=False):
+    fn = "mmkern.flash_attn_qkvpacked_func"
+    q, k, v = _unpacked(fn, "qkv", qkv, _QKV)
+    return _attend(fn, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                   return_lse)
+
+
+flash_attn_qkvpacked_func.__doc__ = """Self-attention on q, k, v packed in one tensor, as flash_attn.flash_attn_qkvpacked_func.
+
+    qkv: (B, L, 3, H, D) float16, bfloat16, float32 (float64 runs on the reference); D in 1..256: q, k, v are
+        qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], taken as views (no copy; flash_attn_func on them gives the
+        same result).""" + _FEATURES_DOC + """
+
+    Returns out (B, L, H, D) like qkv; with return_lse=True also lse (B, H, L) float32 (-inf where a query
+    sees no key). Differentiable in qkv (its gradient has qkv's shape).
+    """
+
+
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                             alibi_slopes=None, deterministic=False, return_lse=False):
+    fn = "mmkern.flash_attn_kvpacked_func"
+    k, v = _unpacked(fn, "kv", kv, _KV)
+    return _attend(fn, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                   return_lse)
+
+
+flash_attn_kvpacked_func.__doc__ = """Attention with k and v packed in one tensor, as flash_attn.flash_attn_kvpacked_func.
+
+    q: (B, Lq, H, D) float16, bfloat16, float32 (float64 runs on the reference); D in 1..256.
+    kv: (B, Lk, 2, H_kv, D), same dtype, H_kv dividing H (MQA/GQA): k, v are kv[:, :, 0], kv[:, :, 1], taken
+        as views (no copy; flash_attn_func on them gives the same result).""" + _FEATURES_DOC + """
+
+    Returns out (B, Lq, H, D) like q; with return_lse=True also lse (B, H, Lq) float32 (-inf where a query
+    sees no key). Differentiable in q and kv (its gradient has kv's shape).
+    """
+
+
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
+                                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
+                                     return_lse=False):
+    fn = "mmkern.flash_attn_varlen_qkvpacked_func"
+    q, k, v = _unpacked(fn, "qkv", qkv, _VARLEN_QKV)
+    return _attend(fn, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                   return_lse, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
+                   max_seqlen_k=max_seqlen)
+
+
+flash_attn_varlen_qkvpacked_func.__doc__ = """Varlen self-attention with q, k, v packed in one tensor, as flash_attn.flash_attn_varlen_qkvpacked_func.
+
+    qkv: (total, 3, H, D) float16, bfloat16, float32 (float64 runs on the reference), the B sequences one after
+        another: q, k, v are qkv[:, 0], qkv[:, 1], qkv[:, 2], taken as views (no copy).
+    cu_seqlens: (B + 1,) int32 offsets starting at 0, for queries and keys alike: sequence b holds rows
+        cu_seqlens[b] : cu_seqlens[b + 1]; sequences of length 0 are allowed.
+    max_seqlen: int >= the longest sequence (as flash-attn: sizes the launch grid).
+    Causal alignment, window and ALiBi positions are per sequence.""" + _FEATURES_DOC + """
+
+    Returns out (total, H, D) like qkv; with return_lse=True also lse (H, total) float32. Differentiable in qkv
+    (its gradient has qkv's shape).
+    """
+
+
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                                    softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                                    alibi_slopes=None, deterministic=False, return_lse=False):
+    fn = "mmkern.flash_attn_varlen_kvpacked_func"
+    k, v = _unpacked(fn, "kv", kv, _VARLEN_KV)
+    return _attend(fn, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                   return_lse, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                   max_seqlen_k=max_seqlen_k)
+
+
+flash_attn_varlen_kvpacked_func.__doc__ = """Varlen attention with k and v packed in one tensor, as flash_attn.flash_attn_varlen_kvpacked_func.
+
+    q: (total_q, H, D) float16, bfloat16, float32 (float64 runs on the reference), the B sequences' queries one
+        after another.
+    kv: (total_k, 2, H_kv, D), same dtype, H_kv dividing H (MQA/GQA): k, v are kv[:, 0], kv[:, 1], taken as
+        views (no copy).
+    cu_seqlens_q, cu_seqlens_k: (B + 1,) int32 offsets starting at 0: sequence b holds rows
+        cu_seqlens_q[b] : cu_seqlens_q[b + 1]; sequences of length 0 are allowed.
+    max_seqlen_q, max_seqlen_k: int >= the longest sequence (as flash-attn: sizes the launch grid).
+    Causal alignment, window and ALiBi positions are per sequence.""" + _FEATURES_DOC + """
+
+    Returns out (total_q, H, D) like q; with return_lse=True also lse (H, total_q) float32. Differentiable in q
+    and kv (its gradient has kv's shape).
+    """
+
+
+def _rotated(fn, q, k, rotary_cos, rotary_sin, cache_seqlens, interleaved: bool, local: bool):
+    """(q, k) rotated as flash_attn_with_kvcache's rotary arguments say: k (B, L_new, H_kv, D) at positions
+    cache_seqlens[b] + t; q (B, Lq, H, D) at cache_seqlens[b] + t when local (causal or a window), else every
+    query at cache_seqlens[b] (q viewed as one token of Lq * H heads). The checks here name this function's
+    arguments; the op checks the rest (dtypes, and on CPU the table length, again)."""
+    if rotary_cos is None or rotary_sin is None:
+        raise ValueError(f"{fn}: pass both rotary_cos and rotary_sin (the rotary tables) or neither; got "
+                         f"rotary_sin {'None' if rotary_sin is None else 'without rotary_cos'}")
+    if k is None:
+        raise ValueError(f"{fn}: rotary_cos/rotary_sin rotate the new keys before they are appended: pass k and v")
+    check_tensor(fn, "rotary_cos", rotary_cos, dtypes=FLOAT_DTYPES, ndim=2)
+    check_tensor(fn, "rotary_sin", rotary_sin, dtypes=FLOAT_DTYPES, ndim=2)
+    if rotary_sin.shape != rotary_cos.shape:
+        raise ValueError(f"{fn}: rotary_sin must have the shape of rotary_cos {tuple(rotary_cos.shape)}; got "
+                         f"{tuple(rotary_sin.shape)}")
+    B, Lq, H, D = q.shape
+    rotary_dim = 2 * rotary_cos.shape[1]
+    if not 2 <= rotary_dim <= D:
+        raise ValueError(f"{fn}: rotary_dim = 2 * rotary_cos.shape[1] must be in 2..head_dim = {D}; got rotary_cos "
+                         f"of shape {tuple(rotary_cos.shape)} (rotary_dim {rotary_dim})")
+    if cache_seqlens.device.type == "cpu" and B and not torch.compiler.is_compiling():
+        needed = max(cache_seqlens.tolist()) + max(k.shape[1], Lq if local else 1)
+        if needed > rotary_cos.shape[0]:
+            raise ValueError(f"{fn}: rotary_cos and rotary_sin hold {rotary_cos.shape[0]} positions; cache_seqlens + "
+                             f"the new tokens need {needed}")
+    rotate = lambda x: eager.call(rotary_ops.rotary_embedding, x, rotary_cos, rotary_sin, cache_seqlens,  # noqa: E731
+                                  None, 0, 0, interleaved, False)
+    k = rotate(k)
+    q = rotate(q) if local else rotate(q.reshape(B, 1, Lq * H, D)).view(B, Lq, H, D)
+    return q, k
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
+                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, rotary_interleaved=True,
+                            alibi_slopes=None, return_lse=False):
     """Decoding / chunked prefill against a preallocated KV cache, as flash_attn.flash_attn_with_kvcache.
 
     q: (B, Lq, H, D), the new queries (Lq = 1 for one decode step).
     k_cache, v_cache: (B, L_cache, H_kv, D), updated in place (their last dimension must be contiguous).
     k, v: (B, L_new, H_kv, D) or None: new keys/values, written into the caches at positions
         cache_seqlens[b] .. cache_seqlens[b] + L_new - 1 before attending.
+    rotary_cos, rotary_sin: (seqlen_ro, rotary_dim / 2) in the caches' dtype or float32, or None (no rotary):
+        with k and v given, the new keys are rotated (the rotated keys are what lands in the cache) at positions
+        cache_seqlens[b], cache_seqlens[b] + 1, ..., and q too: at those positions when causal or local (a
+        window), every query at position cache_seqlens[b] otherwise (flash-attn's semantics); rotary_dim <= D,
+        features rotary_dim.. left as they are. Positions must lie in the tables: checked (ValueError) for CPU
+        tensors; on a GPU the kernels clamp each position into the table instead (no host sync).
+    rotary_interleaved: bool, True (default, as flash-attn): GPT-J pairs (2i, 2i + 1); False: GPT-NeoX halves
+        (i, i + rotary_dim / 2). See mmkern.apply_rotary_emb.
     cache_seqlens: int, (B,) int32/int64, or None (the caches are full): the number of valid entries of each
         sequence's cache before the append. q then attends to the first cache_seqlens[b] + L_new keys.
     softmax_scale: float, None = 1 / sqrt(D).
@@ -171,6 +323,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
             if t.dtype != k_cache.dtype or tuple(t.shape) != want:
                 raise ValueError(f"{fn}: {name} must have shape (batch, new_len, kv_heads, head_dim) = {want} and "
                                  f"dtype {k_cache.dtype} like the cache; got {tuple(t.shape)} {t.dtype}")
+    if rotary_cos is not None or rotary_sin is not None:
+        local = bool(causal) or (left, right) != (-1, -1)
+        q, k = _rotated(fn, q, k, rotary_cos, rotary_sin, cache_seqlens, bool(rotary_interleaved), local)
+    if k is not None:
         eager.call(ops.kvcache_append, k_cache, v_cache, last_dim_contiguous(k), last_dim_contiguous(v), cache_seqlens)
         seqused_k = cache_seqlens + k.shape[1]
     out, lse = ops.attention(q, k_cache, v_cache, seqused_k=seqused_k, softmax_scale=_scale(fn, softmax_scale, q),

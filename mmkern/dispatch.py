@@ -46,7 +46,7 @@ ENV_VAR = "MMKERN_BACKEND"
 # (a misspelt lazy registration would otherwise be a silent "no kernel" reason).
 OPS = ("attention_forward", "attention_backward", "kvcache_append", "norm_residual_forward",
        "norm_residual_backward", "add_noise", "get_velocity", "diffusion_loss", "diffusion_loss_backward",
-       "ddpm_step", "ddim_step", "euler_step", "euler_scale_model_input", "euler_add_noise")
+       "ddpm_step", "ddim_step", "euler_step", "euler_scale_model_input", "euler_add_noise", "rotary_embedding")
 
 
 class NoBackendError(ValueError):

@@ -237,6 +237,13 @@ def _linear_alphas_cumprod(T=1000):
     return torch.cumprod(1 - torch.linspace(1e-4, 0.02, T, dtype=torch.float64), 0).float()
 
 
+def _rotary_tables(positions: int, rotary_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE's float32 (cos, sin) tables: (positions, rotary_dim / 2), angle p * base^(-2i / rotary_dim)."""
+    inv_freq = base ** (-torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
+    angles = torch.arange(positions, dtype=torch.float64)[:, None] * inv_freq
+    return angles.cos().float(), angles.sin().float()
+
+
 def cases() -> list[Case]:
     lens_q, lens_k = [5, 1, 0, 9], [7, 4, 3, 9]
     ac = _linear_alphas_cumprod()
@@ -333,6 +340,16 @@ def cases() -> list[Case]:
         Case("diffusion.euler_add_noise", "B3 2x4x5", lambda: dict(x0=_randn(3, 2, 4, 5), noise=_randn(3, 2, 4, 5)),
              lambda x0, noise: (mmkern.diffusion.euler_add_noise(x0, noise, torch.tensor([0, 4, 9]), _sigmas),),
              cast=("x0", "noise"), ops=("euler_add_noise",)),
+        Case("apply_rotary_emb interleaved partial offsets", "B2 L9 H3 D40 rotary_dim 24",
+             lambda: dict(x=_randn(2, 9, 3, 40)),
+             lambda x: (mmkern.apply_rotary_emb(x, *_rotary_tables(20, 24), interleaved=True,
+                                                seqlen_offsets=torch.tensor([0, 11])),),
+             cast=("x",), grad=("x",), ops=("rotary_embedding",)),
+        Case("apply_rotary_emb varlen", f"lens {lens_q} H2 D80",
+             lambda: dict(x=_randn(sum(lens_q), 2, 80)),
+             lambda x: (mmkern.apply_rotary_emb(x, *_rotary_tables(16, 80), seqlen_offsets=3, cu_seqlens=_cu(lens_q),
+                                                max_seqlen=max(lens_q)),),
+             cast=("x",), grad=("x",), ops=("rotary_embedding",)),
     ]
 
 

@@ -97,6 +97,8 @@ NN = "tests/test_native_norm.py::"
 ND = "tests/test_native_diffusion.py::"
 G = "tests/test_mutant_guards.py::"
 OC = "tests/test_cpu_output_cache.py::"
+RT = "mmkern/triton/rotary.py"
+R = "tests/test_rotary.py::"
 
 # Python/Triton mutants first (they need no build), then the C++ ones grouped by translation unit (each switch
 # of unit recompiles the restored one too).
@@ -153,6 +155,50 @@ MUTANTS: tuple[Mutant, ...] = (
            "t = t.view(B, H // group, group, L, D).mean(2)",
            "torch backend: GQA dk/dv averaged over the query heads sharing a k/v head instead of summed",
            (TT + "test_flash_attn_func_on_torch_matches_oracle[causal Lq<Lk D40-kernel-backward]",)),
+    # ---------------------------------------------------------------- rotary embedding (Triton, torch, the op)
+    Mutant("rotary-sin-sign", "attention", RT,
+           "s = tl.where(is_first[None, :], -s, s)",
+           "s = tl.where(is_first[None, :], s, -s)",
+           "rotary kernel: the first of each pair gets +x_partner * sin (rotation by minus the angle)",
+           (R + "test_backend_matches_oracle[triton-verify cases]",)),
+    Mutant("rotary-neox-partner-as-interleaved", "attention", RT,
+           "partner = tl.where(j < half_rd, j + half_rd, j - half_rd)",
+           "partner = j ^ 1",
+           "rotary kernel: GPT-NeoX pairs read the interleaved partner (j ^ 1) instead of j +- rotary_dim / 2",
+           (R + "test_backend_matches_oracle[triton-neox full D160 (pairs across feature blocks)]",)),
+    Mutant("rotary-offset-ignored", "attention", RT,
+           "position = tl.minimum(tl.maximum(t + offset, 0), seqlen_ro - 1)",
+           "position = tl.minimum(tl.maximum(t, 0), seqlen_ro - 1)",
+           "rotary kernel: the sequence's offset (a KV cache's length) not added: every sequence starts at 0",
+           (R + "test_backend_matches_oracle[triton-length 1 decode, tensor offsets]",)),
+    Mutant("rotary-varlen-rows-from-zero", "attention", RT,
+           "x_row = x_ptr + (start + t).to(tl.int64)[:, None] * stride_xt",
+           "x_row = x_ptr + t.to(tl.int64)[:, None] * stride_xt",
+           "rotary kernel: a varlen sequence read from row 0 instead of cu_seqlens[b]",
+           (R + "test_backend_matches_oracle[triton-varlen with empty sequences, int64 offsets]",)),
+    Mutant("rotary-torch-varlen-sequence-of-a-boundary-row", "attention", "mmkern/torch_backend/rotary.py",
+           "torch.searchsorted(p.cu_seqlens[1:].long(), rows, right=True)",
+           "torch.searchsorted(p.cu_seqlens[1:].long(), rows, right=False)",
+           "torch backend: the first row of each varlen sequence counted in the sequence before it",
+           (R + "test_backend_matches_oracle[torch-varlen with empty sequences, int64 offsets]",)),
+    Mutant("rotary-backward-not-conjugated", "attention", "mmkern/ops/rotary.py",
+           "interleaved,\n                          not conjugate)",
+           "interleaved,\n                          conjugate)",
+           "the op's backward rotates the gradient forward again instead of by the opposite angle",
+           (R + "test_backward_matches_finite_differences",)),
+    Mutant("kvcache-rotary-queries-always-at-their-own-positions", "attention", "mmkern/attention.py",
+           "q = rotate(q) if local else rotate(q.reshape(B, 1, Lq * H, D)).view(B, Lq, H, D)",
+           "q = rotate(q)",
+           "flash_attn_with_kvcache: without causal/window the queries rotated at cache_seqlens + i, not all at "
+           "cache_seqlens (flash-attn's rule)",
+           ("tests/test_kvcache_rotary.py::test_reference_matches_an_independent_recomputation"
+            "[non-causal: every query at cache_seqlens]",)),
+    Mutant("kvcache-rotary-unrotated-keys-cached", "attention", "mmkern/attention.py",
+           "    k = rotate(k)\n",
+           "    rotate(k)\n",
+           "flash_attn_with_kvcache: the keys rotated for nothing and appended unrotated",
+           ("tests/test_kvcache_rotary.py::test_reference_matches_an_independent_recomputation"
+            "[decode gqa neox partial]",)),
     # ---------------------------------------------------------------- norm (Triton)
     Mutant("norm-triton-pre-in-x-dtype", "norm", NT,
            "pre = torch.empty((rows, N), dtype=p.stream_dtype, device=x.device)",

@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-MODULES = ["mmkern.attention", "mmkern.norm", "mmkern.nn.norm", "mmkern.diffusion.noising", "mmkern.diffusion.loss",
+MODULES = ["mmkern.attention", "mmkern.rotary", "mmkern.norm", "mmkern.nn.norm", "mmkern.diffusion.noising", "mmkern.diffusion.loss",
            "mmkern.diffusion.sampling", "mmkern.diffusion.schedules", "mmkern.diffusion.schedulers"]
 
 

@@ -114,6 +114,17 @@ def test_opcheck_diffusion_loss_and_steps(case):
     torch.library.opcheck(op, args)
 
 
+@pytest.mark.parametrize("varlen", [False, True])
+def test_opcheck_rotary_embedding(varlen):
+    cos, sin = randn(12, 3), randn(12, 3)
+    if varlen:
+        args = (randn(9, 2, 10, requires_grad=True), cos, sin, torch.tensor([2, 0, 1]),
+                torch.tensor([0, 4, 4, 9], dtype=torch.int32), 0, 5, True, False)
+    else:
+        args = (randn(2, 5, 3, 8, requires_grad=True), cos, sin, None, None, 4, 0, False, True)
+    torch.library.opcheck(ops.rotary_embedding, args)
+
+
 # --------------------------------------------------------------------------- torch.compile
 
 def _public_calls():
@@ -156,6 +167,11 @@ def _public_calls():
                                     (x, torch.tensor([0, 4, 9]), torch.linspace(9.0, 0.0, 10))),
         "euler_add_noise": (lambda x, n, i, sig: mmkern.diffusion.euler_add_noise(x, n, i, sig),
                             (x, r, torch.tensor([0, 4, 9]), torch.linspace(9.0, 0.0, 10))),
+        "apply_rotary_emb": (lambda q, c, s, o: mmkern.apply_rotary_emb(q, c, s, seqlen_offsets=o),
+                             (q, randn(9, 3), randn(9, 3), torch.tensor([0, 3], dtype=torch.int32))),
+        "apply_rotary_emb varlen": (lambda q, c, s, cu: mmkern.apply_rotary_emb(q, c, s, True, cu_seqlens=cu,
+                                                                                max_seqlen=4), (q[0], randn(9, 4),
+                                                                                                randn(9, 4), cu)),
     }
 
 

@@ -210,6 +210,10 @@ for _backend in BACKENDS:
 # the KV-cache append of flash_attn_with_kvcache is one indexed copy: the cpu backend takes torch's (as triton does)
 register_kernel("kvcache_append", "cpu", LazyFunction("mmkern.torch_backend.kvcache", "kvcache_append"),
                 LazyFunction("mmkern.torch_backend.kvcache", "kvcache_append_reasons"))
+# rotary embedding has no C++ kernel yet: the cpu backend runs torch's formula (mmkern/torch_backend/rotary.py), so
+# that flash_attn_with_kvcache's rotary works inside mmkern.backend("cpu") (auto reaches the torch backend anyway)
+register_kernel("rotary_embedding", "cpu", LazyFunction("mmkern.torch_backend.rotary", "rotary_embedding"),
+                LazyFunction("mmkern.torch_backend.rotary", "rotary_embedding_reasons"))
 
 
 def cpu_output_cache(limit_mib: int | None = None) -> dict:

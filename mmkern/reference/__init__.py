@@ -5,7 +5,7 @@ takes the op's problem record (mmkern/ops/).
 """
 from mmkern.dispatch import register_kernel
 from mmkern.reference import attention, diffusion, norm
-from mmkern.reference import diffusion_loss, diffusion_samplers
+from mmkern.reference import diffusion_loss, diffusion_samplers, rotary
 
 register_kernel("attention_forward", "reference", attention.forward)
 register_kernel("attention_backward", "reference", attention.backward)
@@ -21,3 +21,4 @@ register_kernel("ddim_step", "reference", diffusion_samplers.ddim_step)
 register_kernel("euler_step", "reference", diffusion_samplers.euler_step)
 register_kernel("euler_scale_model_input", "reference", diffusion_samplers.euler_scale_model_input)
 register_kernel("euler_add_noise", "reference", diffusion_samplers.euler_add_noise)
+register_kernel("rotary_embedding", "reference", rotary.rotary_embedding)

@@ -27,6 +27,7 @@ KERNELS = {
     "euler_step": ("diffusion", "euler_step", "reasons"),
     "euler_scale_model_input": ("diffusion", "euler_scale_model_input", "reasons"),
     "euler_add_noise": ("diffusion", "euler_add_noise", "reasons"),
+    "rotary_embedding": ("rotary", "rotary_embedding", "rotary_embedding_reasons"),
 }
 
 register_lazy("torch", "mmkern.torch_backend", KERNELS)

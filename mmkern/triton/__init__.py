@@ -23,6 +23,7 @@ KERNELS = {
     "euler_add_noise": ("diffusion_samplers", "euler_add_noise", "add_noise_reasons"),
     "norm_residual_forward": ("norm", "norm_forward", "norm_forward_reasons"),
     "norm_residual_backward": ("norm", "norm_backward", "norm_backward_reasons"),
+    "rotary_embedding": ("rotary", "rotary_embedding", "rotary_embedding_reasons"),
 }
 
 

@@ -22,7 +22,7 @@ from mmkern.triton._common import kernel_options
 # Largest shared memory one block may use (opt-in), in bytes, per compute capability.
 SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 ARCHS = (80, 90)
-MODULES = ("diffusion", "diffusion_loss", "diffusion_samplers", "norm", "attention_aot")
+MODULES = ("diffusion", "diffusion_loss", "diffusion_samplers", "norm", "rotary", "attention_aot")
 
 
 @dataclass
