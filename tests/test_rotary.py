@@ -1,7 +1,7 @@
 """mmkern.apply_rotary_emb (mmkern::rotary_embedding): the reference against an independent complex-number
 formula, every backend against the float64 reference (flash-attn's criterion per output and gradient), the
 backward against finite differences, RoPE's relative-position property, the in-place and strided forms, and
-bad input. The Triton kernel runs under the interpreter here."""
+bad input. The Triton kernel runs under the interpreter here; `cpu` is the C++ kernel of mmkern._C."""
 import pytest
 import torch
 
@@ -9,7 +9,7 @@ import mmkern
 from conftest import assert_backend_matches_oracle, forced
 from mmkern import verify
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", "triton", "cpu"]
 
 
 def rope_tables(positions, rotary_dim, base=10000.0, dtype=torch.float32):

@@ -31,4 +31,8 @@ TORCH_LIBRARY_FRAGMENT(mmkern_C, m) {
         "float softmax_scale, bool causal, bool bottom_right, int window_left, int window_right, float softcap, "
         "Tensor? alibi_slopes, Tensor? attn_mask, bool mask_grad, float dropout_p, int seed) "
         "-> (Tensor dq, Tensor dk, Tensor dv, Tensor d_mask)");
+  // rotary_cpu.cpp: mmkern::rotary_embedding (mmkern/ops/rotary_problem.py) on CPU tensors; x (B, L, H, D) or varlen
+  // (total, H, D) with cu_seqlens, cos/sin (seqlen_ro, rotary_dim / 2) contiguous in x's dtype or float32.
+  m.def("cpu_rotary_embedding(Tensor x, Tensor cos, Tensor sin, Tensor? seqlen_offsets, Tensor? cu_seqlens, "
+        "int seqlen_offset, bool interleaved, bool conjugate) -> Tensor");
 }

@@ -10,7 +10,8 @@ Registration is lazy, as for the triton backend: KERNELS names, per op, the modu
 mmkern/native/ holding its adapter and the adapter's `run(problem)` and `reasons(problem)`;
 the module is imported the first time the dispatcher asks about the op. The norm and diffusion adapters
 serve both backends (the tensors' device picks the dispatcher key); attention has one adapter per backend
-(BACKEND_KERNELS: attention.py for the CUDA kernels, attention_cpu.py for the C++ CPU kernels).
+(BACKEND_KERNELS: attention.py for the CUDA kernels, attention_cpu.py for the C++ CPU kernels; rotary.py, the
+C++ CPU rotary embedding, has no CUDA twin: on a GPU the triton backend's kernel runs it).
 
 Helpers for adapter modules:
     cpp_op(name)               the torch.ops.mmkern_C op (loads the extension)
@@ -51,7 +52,8 @@ BACKEND_KERNELS = {
     "cuda": {"attention_forward": ("attention", "attention_forward", "forward_reasons"),
              "attention_backward": ("attention", "attention_backward", "backward_reasons")},
     "cpu": {"attention_forward": ("attention_cpu", "attention_forward", "forward_reasons"),
-            "attention_backward": ("attention_cpu", "attention_backward", "backward_reasons")},
+            "attention_backward": ("attention_cpu", "attention_backward", "backward_reasons"),
+            "rotary_embedding": ("rotary", "rotary_embedding", "rotary_embedding_reasons")},
 }
 BACKENDS = ("cpu", "cuda")
 NAMESPACE = "mmkern_C"
@@ -210,10 +212,6 @@ for _backend in BACKENDS:
 # the KV-cache append of flash_attn_with_kvcache is one indexed copy: the cpu backend takes torch's (as triton does)
 register_kernel("kvcache_append", "cpu", LazyFunction("mmkern.torch_backend.kvcache", "kvcache_append"),
                 LazyFunction("mmkern.torch_backend.kvcache", "kvcache_append_reasons"))
-# rotary embedding has no C++ kernel yet: the cpu backend runs torch's formula (mmkern/torch_backend/rotary.py), so
-# that flash_attn_with_kvcache's rotary works inside mmkern.backend("cpu") (auto reaches the torch backend anyway)
-register_kernel("rotary_embedding", "cpu", LazyFunction("mmkern.torch_backend.rotary", "rotary_embedding"),
-                LazyFunction("mmkern.torch_backend.rotary", "rotary_embedding_reasons"))
 
 
 def cpu_output_cache(limit_mib: int | None = None) -> dict:
