@@ -125,10 +125,14 @@ POISONED_CALLS = {
             both(lambda s: D.euler_scale_model_input(s, 3, sigmas), s, grads=False)
             both(lambda s, n: D.euler_add_noise(s, n, 3, sigmas), s, n, grads=False)
     """),
-    "attention": (("cpu_attention_forward", "cpu_attention_backward"), """
+    "attention": (("cpu_attention_forward", "cpu_attention_backward", "cpu_rotary_embedding"), """
         for dtype in (torch.float32, torch.bfloat16):
             q, k, v = (torch.randn(2, 37, 3, 40, dtype=dtype) for _ in range(3))
             both(lambda q, k, v: mmkern.flash_attn_func(q, k, v, causal=True, return_lse=True), q, k, v)
+            cos, sin = torch.randn(50, 12), torch.randn(50, 12)      # rotary_dim 24 of 40: the tail copied
+            both(lambda q: mmkern.apply_rotary_emb(q, cos, sin, seqlen_offsets=torch.tensor([0, 13])), q)
+            both(lambda q: mmkern.apply_rotary_emb(q.flatten(0, 1), cos, sin, True, cu_seqlens=torch.tensor(
+                [0, 30, 30, 74], dtype=torch.int32), max_seqlen=44), q)
     """),
 }
 
