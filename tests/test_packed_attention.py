@@ -233,8 +233,10 @@ def test_the_op_gets_views_not_copies(name, monkeypatch):
 
 @pytest.mark.parametrize("name", ["qkvpacked", "varlen_kvpacked"])
 def test_compile_fullgraph(name):
-    """Forward and backward under torch.compile(fullgraph=True): no graph break, bitwise the eager result (the
-    same op calls)."""
+    """Forward and backward under torch.compile(fullgraph=True): no graph break, the eager result (the same op
+    calls). Equal to rounding, not bitwise: on the `torch` backend (where mmkern._C is not built) the traced
+    backward hands torch's CPU flash backward its gradient in another layout, which sums in another order (seen with
+    torch 2.11: 3e-7 apart)."""
     f32 = dict(dtype=torch.float32)
     if name == "qkvpacked":
         packed, others = randn(2, 4, 3, 2, 8, **f32, requires_grad=True), []
@@ -254,7 +256,8 @@ def test_compile_fullgraph(name):
     assert_identical(out, want_out)
     assert_identical(lse, want_lse)
     for g, w in zip(got, want):
-        assert_identical(g, w)
+        assert g.shape == w.shape and g.dtype == w.dtype
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- the API
