@@ -270,30 +270,49 @@ def _rotated(fn, q, k, rotary_cos, rotary_sin, cache_seqlens, interleaved: bool,
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
-                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, rotary_interleaved=True,
-                            alibi_slopes=None, return_lse=False):
+                            cache_batch_idx=None, cache_leftpad=None, block_table=None, softmax_scale=None,
+                            causal=False, window_size=(-1, -1), softcap=0.0, rotary_interleaved=True,
+                            alibi_slopes=None, num_splits=0, return_lse=False):
     """Decoding / chunked prefill against a preallocated KV cache, as flash_attn.flash_attn_with_kvcache.
 
     q: (B, Lq, H, D), the new queries (Lq = 1 for one decode step).
-    k_cache, v_cache: (B, L_cache, H_kv, D), updated in place (their last dimension must be contiguous).
-    k, v: (B, L_new, H_kv, D) or None: new keys/values, written into the caches at positions
+    k_cache, v_cache: updated in place (their last dimension must be contiguous), in one of two layouts:
+        dense (B_cache, L_cache, H_kv, D): sequence b's cache row j is k_cache[b, j] (or k_cache[cache_batch_idx[b],
+        j]); paged, with block_table: (num_blocks, page_block_size, H_kv, D), page_block_size a multiple of 16,
+        and row j of sequence b is k_cache[block_table[b, j // page_block_size], j % page_block_size]. Pages are
+        read where they are (no gathered copy) by the triton and cpu kernels; the torch backend gathers.
+    k, v: (B, L_new, H_kv, D) or None: new keys/values, written into the caches at rows
         cache_seqlens[b] .. cache_seqlens[b] + L_new - 1 before attending.
     rotary_cos, rotary_sin: (seqlen_ro, rotary_dim / 2) in the caches' dtype or float32, or None (no rotary):
         with k and v given, the new keys are rotated (the rotated keys are what lands in the cache) at positions
-        cache_seqlens[b], cache_seqlens[b] + 1, ..., and q too: at those positions when causal or local (a
-        window), every query at position cache_seqlens[b] otherwise (flash-attn's semantics); rotary_dim <= D,
+        p, p + 1, ... with p = cache_seqlens[b] - cache_leftpad[b], and q too: at those positions when causal or
+        local (a window), every query at position p otherwise (flash-attn's semantics); rotary_dim <= D,
         features rotary_dim.. left as they are. Positions must lie in the tables: checked (ValueError) for CPU
         tensors; on a GPU the kernels clamp each position into the table instead (no host sync).
     rotary_interleaved: bool, True (default, as flash-attn): GPT-J pairs (2i, 2i + 1); False: GPT-NeoX halves
         (i, i + rotary_dim / 2). See mmkern.apply_rotary_emb.
-    cache_seqlens: int, (B,) int32/int64, or None (the caches are full): the number of valid entries of each
-        sequence's cache before the append. q then attends to the first cache_seqlens[b] + L_new keys.
+    cache_seqlens: int, (B,) int32/int64, or None (the caches are full): where each sequence's cache ends before
+        the append. q then attends to cache rows cache_leftpad[b] .. cache_seqlens[b] + L_new - 1.
+    cache_batch_idx: (B,) int32/int64 or None: dense caches only, batch entry b uses cache row cache_batch_idx[b]
+        (distinct entries, each < k_cache.shape[0]); None = row b.
+    cache_leftpad: (B,) int32/int64 or None: where each sequence's cache starts (left padding): rows before it
+        are not attended to, and positions (causal alignment, window, ALiBi, rotary) count from it. Needs
+        cache_seqlens >= cache_leftpad.
+    block_table: (B, max_blocks_per_seq) int32 or None: the pages of each sequence (paged layout above), entries
+        in 0..num_blocks - 1; the cache holds max_blocks_per_seq * page_block_size rows per sequence.
     softmax_scale: float, None = 1 / sqrt(D).
     causal: bool, bottom-right aligned: the last query sees every valid key, query i sees keys up to
         cache_seqlens[b] + L_new - Lq + i.
     window_size: (left, right), -1 = unbounded, aligned the same way. softcap: float >= 0, 0 = off.
-    alibi_slopes: (H,) or (B, H) float32 or None. return_lse: also return lse (B, H, Lq) float32.
+    alibi_slopes: (H,) or (B, H) float32 or None.
+    num_splits: int >= 0, how many ranges the keys of a decode step are split into and merged by lse: 0 = the
+        backend chooses, 1 = no split, n = n ranges (at most one per key tile); the triton and cpu kernels take
+        it (the result differs only in rounding), the reference and torch backends have no split to make.
+    return_lse: also return lse (B, H, Lq) float32.
 
+    The index arguments (block_table, cache_batch_idx, cache_leftpad, cache_seqlens) are checked (ValueError
+    naming the argument) when they are CPU tensors; on a GPU they are not read on the host (a decode step can
+    be captured in a CUDA graph) and the kernels clamp indices into range instead.
     Returns out (B, Lq, H, D) like q (and lse). Inference only (no gradient).
     """
     fn = "mmkern.flash_attn_with_kvcache"
@@ -315,6 +334,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         check_tensor(fn, "cache_seqlens", cache_seqlens, dtypes=(torch.int32, torch.int64), ndim=1)
     left, right = _window(fn, window_size)
     q, alibi_slopes = last_dim_contiguous(q), last_dim_contiguous(alibi_slopes)
+    k_cache, v_cache, block_table = _cache_layout(fn, q, k_cache, v_cache, cache_batch_idx, block_table)
+    if cache_leftpad is not None:
+        _check_leftpad(fn, q, cache_leftpad, cache_seqlens)
     seqused_k = cache_seqlens
     if k is not None:
         for name, t in (("k", k), ("v", v)):
@@ -325,14 +347,78 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                                  f"dtype {k_cache.dtype} like the cache; got {tuple(t.shape)} {t.dtype}")
     if rotary_cos is not None or rotary_sin is not None:
         local = bool(causal) or (left, right) != (-1, -1)
-        q, k = _rotated(fn, q, k, rotary_cos, rotary_sin, cache_seqlens, bool(rotary_interleaved), local)
+        positions = cache_seqlens if cache_leftpad is None else cache_seqlens - cache_leftpad
+        q, k = _rotated(fn, q, k, rotary_cos, rotary_sin, positions, bool(rotary_interleaved), local)
     if k is not None:
-        eager.call(ops.kvcache_append, k_cache, v_cache, last_dim_contiguous(k), last_dim_contiguous(v), cache_seqlens)
+        eager.call(ops.kvcache_append, k_cache, v_cache, last_dim_contiguous(k), last_dim_contiguous(v), cache_seqlens,
+                   block_table)
         seqused_k = cache_seqlens + k.shape[1]
     out, lse = ops.attention(q, k_cache, v_cache, seqused_k=seqused_k, softmax_scale=_scale(fn, softmax_scale, q),
                              causal=bool(causal), window_left=left, window_right=right, softcap=_softcap(fn, softcap),
-                             alibi_slopes=alibi_slopes)
+                             alibi_slopes=alibi_slopes, block_table=block_table, leftpad_k=cache_leftpad,
+                             num_splits=_num_splits(fn, num_splits))
     return (out, lse) if return_lse else out
+
+
+# flash-attn 2 takes page sizes that are multiples of 256, flash-attn 3 any; the kernels here any multiple of this
+PAGE_MULTIPLE = 16
+
+
+def _cache_layout(fn, q, k_cache, v_cache, cache_batch_idx, block_table):
+    """(k_cache, v_cache, block_table) as the op takes them, after the layout checks. cache_batch_idx becomes a
+    block table of whole-cache pages (page = one batch row of L_cache keys), so it reaches the kernels as a
+    one-entry-per-sequence paged cache, never as a gathered copy."""
+    B = q.shape[0]
+    if block_table is not None:
+        if cache_batch_idx is not None:
+            raise ValueError(f"{fn}: pass cache_batch_idx (dense caches) or block_table (paged caches), not both")
+        check_tensor(fn, "block_table", block_table, dtypes=(torch.int32,), ndim=2)
+        if block_table.shape[0] != B:
+            raise ValueError(f"{fn}: block_table must have shape (batch, max_blocks_per_seq) with batch = {B} "
+                             f"(q.shape[0]); got {tuple(block_table.shape)}")
+        if tuple(v_cache.shape) != tuple(k_cache.shape):
+            raise ValueError(f"{fn}: with block_table, k_cache and v_cache are pages (num_blocks, page_block_size, "
+                             f"kv_heads, head_dim) of one shape; got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+        page = k_cache.shape[1]
+        if page % PAGE_MULTIPLE or page == 0:
+            raise ValueError(f"{fn}: page_block_size (k_cache.shape[1] with block_table) must be a positive multiple "
+                             f"of {PAGE_MULTIPLE}; got {page}")
+        return k_cache, v_cache, block_table
+    if cache_batch_idx is None:
+        return k_cache, v_cache, None
+    check_tensor(fn, "cache_batch_idx", cache_batch_idx, dtypes=(torch.int32, torch.int64), ndim=1)
+    if cache_batch_idx.shape[0] != B:
+        raise ValueError(f"{fn}: cache_batch_idx must have shape (batch,) = ({B},); got {tuple(cache_batch_idx.shape)}")
+    if cache_batch_idx.device.type == "cpu" and not torch.compiler.is_compiling():
+        rows = cache_batch_idx.tolist()
+        if any(not 0 <= r < k_cache.shape[0] for r in rows):
+            raise ValueError(f"{fn}: cache_batch_idx entries must be cache rows in 0..{k_cache.shape[0] - 1} "
+                             f"(k_cache.shape[0] = {k_cache.shape[0]}); got {rows}")
+        if len(set(rows)) != len(rows):
+            raise ValueError(f"{fn}: cache_batch_idx must not repeat a cache row (two sequences would append into "
+                             f"one); got {rows}")
+    return k_cache, v_cache, cache_batch_idx.to(torch.int32).view(B, 1)
+
+
+def _check_leftpad(fn, q, cache_leftpad, cache_seqlens):
+    check_tensor(fn, "cache_leftpad", cache_leftpad, dtypes=(torch.int32, torch.int64), ndim=1)
+    if cache_leftpad.shape[0] != q.shape[0]:
+        raise ValueError(f"{fn}: cache_leftpad must have shape (batch,) = ({q.shape[0]},); got "
+                         f"{tuple(cache_leftpad.shape)}")
+    if cache_seqlens is None:
+        raise ValueError(f"{fn}: cache_leftpad needs cache_seqlens (where each sequence's cache ends)")
+    if cache_leftpad.device.type == "cpu" and not torch.compiler.is_compiling():
+        pads, ends = cache_leftpad.tolist(), cache_seqlens.tolist()
+        if any(not 0 <= pad <= end for pad, end in zip(pads, ends)):
+            raise ValueError(f"{fn}: cache_leftpad must be in 0..cache_seqlens for every sequence; got cache_leftpad "
+                             f"{pads}, cache_seqlens {ends}")
+
+
+def _num_splits(fn, num_splits) -> int:
+    if not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 0:
+        raise ValueError(f"{fn}: num_splits must be an int >= 0 (0 = the backend chooses, 1 = no split); "
+                         f"got {num_splits!r}")
+    return num_splits
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,

@@ -31,6 +31,7 @@ class Shape(NamedTuple):
     max_seqlen_q: int
     max_seqlen_k: int
     varlen: bool
+    num_splits: int = 0         # the caller's (0 = choose)
 
 
 def r(*shape):

@@ -64,6 +64,16 @@ struct Call {
   int64_t max_seqlen_q = 1, max_seqlen_k = 1;       // the dropout counters' row and column counts (>= 1)
   // lse (B, H, Lq) dense or (H, total_q) varlen: lse[b * lse_sb + h * lse_sh + (q_start + i) * lse_sr]
   int64_t lse_sb = 0, lse_sh = 0, lse_sr = 0;
+  // Paged k/v (num_blocks, page, H_kv, D): cache row j of sequence b is row j % page of page
+  // table[b * table_cols + j / page] (the block table read on the host once, checked in range). page 0 = dense.
+  std::vector<int64_t> table;
+  int64_t table_cols = 0, page = 0;
+
+  bool paged() const { return page > 0; }
+  // Element offset of cache row j of sequence b, head kvh, in a paged k (strides sb, sr, sh: page, row, head).
+  int64_t paged_row(int64_t b, int64_t j, int64_t kvh, int64_t sb, int64_t sr, int64_t sh) const {
+    return table[b * table_cols + j / page] * sb + (j % page) * sr + kvh * sh;
+  }
 
   int64_t rows(const Sequence& s) const { return s.q_len * group; }
   // the keys [lo, hi) query position i may see (before a mask), possibly empty
@@ -75,14 +85,18 @@ struct Call {
 };
 
 // Call from the op's arguments: checks what the op layer cannot have checked (devices, layouts, the
-// cu_seqlens values against the packed lengths), reads cu_seqlens and seqused_k on the host.
+// cu_seqlens values against the packed lengths), reads cu_seqlens and seqused_k on the host; for a KV cache also
+// block_table (paged k/v, checked within num_blocks) and leftpad_k (sequence b's keys start at cache row
+// leftpad_k[b]: Sequence::k_start, and its positions count from there).
 // out_like: the tensor whose layout lse follows (q).
 Call make_call(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                const c10::optional<at::Tensor>& cu_seqlens_q, const c10::optional<at::Tensor>& cu_seqlens_k,
                const c10::optional<at::Tensor>& seqused_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
                double softmax_scale, bool causal, bool bottom_right, int64_t window_left, int64_t window_right,
                double softcap, const c10::optional<at::Tensor>& alibi_slopes,
-               const c10::optional<at::Tensor>& attn_mask, double dropout_p, int64_t seed);
+               const c10::optional<at::Tensor>& attn_mask, double dropout_p, int64_t seed,
+               const c10::optional<at::Tensor>& block_table = c10::nullopt,
+               const c10::optional<at::Tensor>& leftpad_k = c10::nullopt);
 
 // A block of packed rows [r0, r1) of one (b, kvh): rows [r0, r1) hold query positions [i_first, i_last].
 struct RowBlock {

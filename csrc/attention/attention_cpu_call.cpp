@@ -28,7 +28,8 @@ Call make_call(const char* op, const at::Tensor& q, const at::Tensor& k, const a
                const c10::optional<at::Tensor>& seqused_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
                double softmax_scale, bool causal, bool bottom_right, int64_t window_left, int64_t window_right,
                double softcap, const c10::optional<at::Tensor>& alibi_slopes,
-               const c10::optional<at::Tensor>& attn_mask, double dropout_p, int64_t seed) {
+               const c10::optional<at::Tensor>& attn_mask, double dropout_p, int64_t seed,
+               const c10::optional<at::Tensor>& block_table, const c10::optional<at::Tensor>& leftpad_k) {
   const bool varlen = cu_seqlens_q.has_value();
   TORCH_CHECK_VALUE(varlen == cu_seqlens_k.has_value(), op, ": cu_seqlens_q and cu_seqlens_k go together");
   const int64_t rank = varlen ? 3 : 4;
@@ -74,19 +75,42 @@ Call make_call(const char* op, const at::Tensor& q, const at::Tensor& k, const a
     c.max_seqlen_k = std::max<int64_t>(max_seqlen_k, 1);
   } else {
     c.batch = q.size(0);
-    TORCH_CHECK_VALUE(k.size(0) == c.batch, op, ": k must have q's batch ", c.batch, "; got ", k.size(0));
-    const int64_t Lq = q.size(1), Lk = k.size(1);
-    std::vector<int64_t> used;
+    TORCH_CHECK_VALUE(!(varlen && (block_table.has_value() || leftpad_k.has_value())), op,
+                      ": block_table and leftpad_k take dense q");
+    if (block_table.has_value()) {   // paged: k/v (num_blocks, page, H_kv, D), the table (batch, max_blocks)
+      const at::Tensor& t = *block_table;
+      TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == c.batch && t.device().is_cpu(), op,
+                        ": block_table must be a CPU (batch, max_blocks) tensor; got ", t.sizes());
+      TORCH_CHECK_VALUE(!attn_mask.has_value() && k.size(1) > 0, op, ": paged k/v take no attn_mask and pages of >= 1 row");
+      c.table = host_values(t);
+      c.table_cols = t.size(1);
+      c.page = k.size(1);
+      for (int64_t e : c.table)
+        TORCH_CHECK_VALUE(e >= 0 && e < k.size(0), op, ": block_table entry ", e, " is not a page index in 0..",
+                          k.size(0) - 1);
+    } else {
+      TORCH_CHECK_VALUE(k.size(0) == c.batch, op, ": k must have q's batch ", c.batch, "; got ", k.size(0));
+    }
+    const int64_t Lq = q.size(1), Lk = c.paged() ? c.table_cols * c.page : k.size(1);
+    std::vector<int64_t> used, pads;
     if (seqused_k.has_value()) {
       TORCH_CHECK_VALUE(seqused_k->dim() == 1 && seqused_k->size(0) == c.batch, op,
                         ": seqused_k must have shape (batch,) = (", c.batch, ",); got ", seqused_k->sizes());
       used = host_values(*seqused_k);
     }
+    if (leftpad_k.has_value()) {
+      TORCH_CHECK_VALUE(leftpad_k->dim() == 1 && leftpad_k->size(0) == c.batch, op,
+                        ": leftpad_k must have shape (batch,) = (", c.batch, ",); got ", leftpad_k->sizes());
+      pads = host_values(*leftpad_k);
+    }
     for (int64_t b = 0; b < c.batch; ++b) {
-      const int64_t kl = used.empty() ? Lk : used[b];
-      TORCH_CHECK_VALUE(kl >= 0 && kl <= Lk, op, ": seqused_k[", b, "] = ", kl, " must be in 0..", Lk,
+      const int64_t end = used.empty() ? Lk : used[b], pad = pads.empty() ? 0 : pads[b];
+      TORCH_CHECK_VALUE(end >= 0 && end <= Lk, op, ": seqused_k[", b, "] = ", end, " must be in 0..", Lk,
                         " (the cache length)");
-      c.seqs.push_back({0, Lq, 0, kl, bottom_right ? kl - Lq : 0});
+      TORCH_CHECK_VALUE(pad >= 0 && pad <= end, op, ": leftpad_k[", b, "] = ", pad, " must be in 0..seqused_k[", b,
+                        "] = ", end);
+      const int64_t kl = end - pad;      // the sequence's keys: cache rows [pad, end), positions from pad
+      c.seqs.push_back({0, Lq, pad, kl, bottom_right ? kl - Lq : 0});
     }
     c.max_seqlen_q = std::max<int64_t>(Lq, 1);
     c.max_seqlen_k = std::max<int64_t>(Lk, 1);

@@ -15,12 +15,16 @@
 // per row in split order. The split count depends only on the shapes (or num_splits), never on the thread
 // count, so results are bitwise the same with 1 or 2 threads.
 //
+// KV caches: seqused_k ends each sequence's keys, leftpad_k starts them (Sequence::k_start); paged k/v (block_table)
+// are read a tile at a time from their pages (gather_tile).
+//
 // Numerics contract (mmkern/ops/attention_problem.py): l = 0 (no visible key) gives out 0, lse -inf; a NaN score
 // makes m and l NaN (out, lse NaN); a +inf score (no NaN) gives l NaN, out NaN, lse +inf.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <atomic>
+#include <cstring>
 #include <memory>
 
 #include "attention/attention_cpu.h"
@@ -62,8 +66,24 @@ template <typename T>
 struct Scratch {
   std::unique_ptr<T[]> q;          // rows x D packed rows
   std::unique_ptr<float[]> s;      // rows x keys scores, then probabilities (float32 into the P V GEMM too)
-  Scratch(int64_t D, int64_t rows, int64_t keys) : q(new T[rows * D]), s(new float[rows * keys]) {}
+  std::unique_ptr<T[]> k, v;       // paged caches only: one tile's keys x D rows, read from their pages
+  Scratch(int64_t D, int64_t rows, int64_t keys, bool paged)
+      : q(new T[rows * D]), s(new float[rows * keys]), k(paged ? new T[keys * D] : nullptr),
+        v(paged ? new T[keys * D] : nullptr) {}
 };
+
+// Paged caches: the tile's n cache rows [j0, j0 + n) of sequence b, head kvh, copied from their pages into
+// w.k / w.v (n x D, contiguous), so the GEMMs see one matrix whatever the page size (a 16-row page would
+// otherwise cut a tile into 16 GEMMs of 16 keys). The copy is of one tile (L2-resident), never of the cache:
+// each key row is read from memory once, as in the dense path.
+template <typename T>
+void gather_tile(const Call& c, const RowBlock& rb, int64_t j0, int64_t n, const T* k, const T* v, Scratch<T>& w) {
+  const int64_t D = c.head_dim;
+  for (int64_t t = 0; t < n; ++t) {
+    std::memcpy(w.k.get() + t * D, k + c.paged_row(rb.b, j0 + t, rb.kvh, c.k_sb, c.k_sr, c.k_sh), D * sizeof(T));
+    std::memcpy(w.v.get() + t * D, v + c.paged_row(rb.b, j0 + t, rb.kvh, c.v_sb, c.v_sr, c.v_sh), D * sizeof(T));
+  }
+}
 
 // Runs the rows of `rb` over keys [lo, hi), updating `st` (already reset).
 template <typename T>
@@ -71,13 +91,22 @@ void attend(const Call& c, const Sequence& seq, const RowBlock& rb, int64_t lo, 
             const T* v, Scratch<T>& w, State& st) {
   const int64_t D = c.head_dim, rows = rb.r1 - rb.r0;
   pack_rows(c, seq, rb, q, c.q_sb, c.q_sr, c.q_sh, w.q.get());
-  const T* k_base = k + rb.b * c.k_sb + seq.k_start * c.k_sr + rb.kvh * c.k_sh;
-  const T* v_base = v + rb.b * c.v_sb + seq.k_start * c.v_sr + rb.kvh * c.v_sh;
+  // (paged: no base, the rows are found per tile)
+  const T* k_base = c.paged() ? k : k + rb.b * c.k_sb + seq.k_start * c.k_sr + rb.kvh * c.k_sh;
+  const T* v_base = c.paged() ? v : v + rb.b * c.v_sb + seq.k_start * c.v_sr + rb.kvh * c.v_sh;
   const float keep_scale = c.dropout_p > 0 ? 1.f / (1.f - c.dropout_p) : 1.f;
   for (int64_t j0 = lo; j0 < hi; j0 += kBlockN) {
     const int64_t n = std::min(kBlockN, hi - j0);
-    cpu_gemm::gemm(Trans::N, Trans::T, rows, n, D, c.scale, w.q.get(), D, k_base + j0 * c.k_sr, c.k_sr, 0.f,
-                   w.s.get(), n);
+    // the tile's keys and values: rows of the dense cache in place, or the paged rows gathered (cache row
+    // seq.k_start + j: a left pad shifts the rows, not the positions)
+    const T* k_tile = k_base + j0 * c.k_sr;
+    const T* v_tile = v_base + j0 * c.v_sr;
+    int64_t k_ld = c.k_sr, v_ld = c.v_sr;
+    if (c.paged()) {
+      gather_tile(c, rb, seq.k_start + j0, n, k, v, w);
+      k_tile = w.k.get(), v_tile = w.v.get(), k_ld = v_ld = D;
+    }
+    cpu_gemm::gemm(Trans::N, Trans::T, rows, n, D, c.scale, w.q.get(), D, k_tile, k_ld, 0.f, w.s.get(), n);
     finish_scores(c, seq, rb, j0, n, w.s.get(), n, nullptr);
     for (int64_t r = 0; r < rows; ++r) {
       float* row = w.s.get() + r * n;
@@ -96,8 +125,7 @@ void attend(const Call& c, const Sequence& seq, const RowBlock& rb, int64_t lo, 
         dropout_scale(row, n, c.seed, offset, c.dropout_p, keep_scale);
       }
     }
-    cpu_gemm::gemm(Trans::N, Trans::N, rows, D, n, 1.f, w.s.get(), n, v_base + j0 * c.v_sr, c.v_sr, 1.f,
-                   st.o.data(), D);
+    cpu_gemm::gemm(Trans::N, Trans::N, rows, D, n, 1.f, w.s.get(), n, v_tile, v_ld, 1.f, st.o.data(), D);
   }
 }
 
@@ -205,7 +233,7 @@ void forward_kernel(const Call& c, const at::Tensor& q, const at::Tensor& k, con
   }
   std::atomic<int64_t> next{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    Scratch<T> w(D, tile_rows, tile_keys);
+    Scratch<T> w(D, tile_rows, tile_keys, c.paged());
     State st;
     std::vector<float> row_buf;
     for (int64_t it; (it = next.fetch_add(1)) < n_items;) {
@@ -235,11 +263,12 @@ std::tuple<at::Tensor, at::Tensor> cpu_attention_forward(
     const c10::optional<at::Tensor>& cu_seqlens_k, const c10::optional<at::Tensor>& seqused_k, int64_t max_seqlen_q,
     int64_t max_seqlen_k, double softmax_scale, bool causal, bool bottom_right, int64_t window_left,
     int64_t window_right, double softcap, const c10::optional<at::Tensor>& alibi_slopes,
-    const c10::optional<at::Tensor>& attn_mask, double dropout_p, int64_t seed, int64_t num_splits) {
+    const c10::optional<at::Tensor>& attn_mask, double dropout_p, int64_t seed, int64_t num_splits,
+    const c10::optional<at::Tensor>& block_table, const c10::optional<at::Tensor>& leftpad_k) {
   constexpr const char* op = "mmkern_C::cpu_attention_forward";
   Call c = make_call(op, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                      causal, bottom_right, window_left, window_right, softcap, alibi_slopes, attn_mask, dropout_p,
-                     seed);
+                     seed, block_table, leftpad_k);
   TORCH_CHECK_VALUE(num_splits >= 0, op, ": num_splits must be >= 0 (0 = choose); got ", num_splits);
   const bool varlen = q.dim() == 3;
   at::Tensor out = empty_output(q.sizes(), q.options());

@@ -9,7 +9,8 @@
 //
 // Layouts (as mmkern/ops/attention.py): dense q (B, Lq, H, D), k/v (B, Lk, H_kv, D), lse float32 (B, H, Lq);
 // varlen q (total_q, H, D), k/v (total_k, H_kv, D), cu_seqlens_q/k int32 (B + 1,), lse (H, total_q).
-// seqused_k (B,) int32: valid keys per sequence (KV cache). H % H_kv == 0 (GQA/MQA). causal is bottom-right
+// seqused_k (B,) int32: valid keys per sequence (KV cache); cpu_attention_forward also takes block_table (B, max_blocks)
+// (paged k/v (num_blocks, page, H_kv, D)) and leftpad_k (B,) (where each sequence's keys start). H % H_kv == 0 (GQA/MQA). causal is bottom-right
 // aligned (query i sees key j iff j <= i + Lk - Lq). fp16/bf16, head dims 64, 96, 128, fp32 accumulation.
 // A row that sees no key gives out = 0 and lse = -inf. dlse (optional, like lse) is the gradient of lse.
 // deterministic=True: dq/dk/dv bitwise identical run to run.
@@ -25,7 +26,7 @@ TORCH_LIBRARY_FRAGMENT(mmkern_C, m) {
   m.def("cpu_attention_forward(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
         "Tensor? seqused_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal, bool bottom_right, "
         "int window_left, int window_right, float softcap, Tensor? alibi_slopes, Tensor? attn_mask, float dropout_p, "
-        "int seed, int num_splits) -> (Tensor out, Tensor lse)");
+        "int seed, int num_splits, Tensor? block_table=None, Tensor? leftpad_k=None) -> (Tensor out, Tensor lse)");
   m.def("cpu_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, "
         "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? seqused_k, int max_seqlen_q, int max_seqlen_k, "
         "float softmax_scale, bool causal, bool bottom_right, int window_left, int window_right, float softcap, "

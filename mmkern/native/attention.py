@@ -48,6 +48,11 @@ def _feature_reasons(p) -> list[str]:
                        "the causal mask bottom-right (flash-attn's)")
     if p.softmax_scale <= 0:
         reasons.append(f"softmax_scale = {p.softmax_scale}; the CUDA attention kernels take a positive scale")
+    if p.paged:
+        reasons.append("block_table (a paged KV cache); the CUDA attention kernels read dense k/v (Triton's split-KV "
+                       "decode reads pages)")
+    if p.leftpad_k is not None:
+        reasons.append("cache_leftpad; the CUDA attention kernels start every sequence's keys at row 0")
     return reasons
 
 

@@ -5,7 +5,8 @@ online softmax, one (128 x 256) score tile per thread, GEMMs through the MKL tha
 at::vec GEMM; see csrc/common/cpu_gemm.h). They take every feature of mmkern::attention_forward: float32,
 bfloat16 and float16 (float32 accumulation), head dims 1..256, causal in both alignments, sliding window,
 softcap, ALiBi (H) / (B, H), MQA/GQA without repeating k/v, Lq != Lk, varlen, seqused_k, bool and float masks
-with the mask's gradient, dropout (the Triton kernels' Philox mask, bit for bit), lse.
+with the mask's gradient, dropout (the Triton kernels' Philox mask, bit for bit), lse; the forward also paged
+caches (block_table: each tile's rows gathered from their pages into an L2 buffer), leftpad_k and num_splits.
 What the adapter does around them: CPU tensors only (CUDA tensors go to the cuda/triton backends); float64
 goes to the reference; inputs whose head dim is not contiguous are copied (the kernels take free row, head
 and batch strides); the dropout seed (a (1,) int64 tensor) is read once on the host.
@@ -62,10 +63,13 @@ def _settings(p) -> tuple:
             int(p.window_right), float(p.softcap), p.alibi_slopes, p.attn_mask)
 
 
-def attention_forward(p, num_splits: int = 0):
-    """Kernel of mmkern::attention_forward: (out like q, lse float32); num_splits 0 = the kernel chooses."""
+def attention_forward(p, num_splits: int | None = None):
+    """Kernel of mmkern::attention_forward: (out like q, lse float32); num_splits (None = the problem's) 0 = the
+    kernel chooses."""
     q, k, v = (_heads_contiguous(t) for t in (p.q, p.k, p.v))
-    return cpp_op("cpu_attention_forward")(q, k, v, *_settings(p), float(p.dropout_p), _seed(p), int(num_splits))
+    splits = p.num_splits if num_splits is None else num_splits
+    return cpp_op("cpu_attention_forward")(q, k, v, *_settings(p), float(p.dropout_p), _seed(p), int(splits),
+                                           p.block_table, p.leftpad_k)
 
 
 def attention_backward(p):

@@ -32,12 +32,14 @@ def attention_forward(
     softmax_scale: float, causal: bool, causal_bottom_right: bool, window_left: int, window_right: int,
     softcap: float, alibi_slopes: Optional[Tensor], attn_mask: Optional[Tensor],
     dropout_p: float, dropout_seed: Optional[Tensor], deterministic: bool,
+    block_table: Optional[Tensor] = None, leftpad_k: Optional[Tensor] = None, num_splits: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    """Returns (out like q, lse float32: (B, H, Lq) dense or (H, total_q) varlen); see AttentionProblem."""
+    """Returns (out like q, lse float32: (B, H, Lq) dense or (H, total_q) varlen); see AttentionProblem.
+    block_table (paged k/v), leftpad_k and num_splits are the serving arguments (flash_attn_with_kvcache)."""
     return dispatch.call_memoized("attention_forward", build, _FORWARD, q, k, v, cu_seqlens_q, cu_seqlens_k,
                                   seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, causal_bottom_right,
                                   window_left, window_right, softcap, alibi_slopes, attn_mask, dropout_p,
-                                  dropout_seed, deterministic, read_values=True)
+                                  dropout_seed, deterministic, block_table, leftpad_k, num_splits, read_values=True)
 
 
 @attention_forward.register_fake
@@ -79,7 +81,8 @@ def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, seqused_k, max_
 
 _FORWARD_ARGS = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "seqused_k", "max_seqlen_q", "max_seqlen_k",
                  "softmax_scale", "causal", "causal_bottom_right", "window_left", "window_right", "softcap",
-                 "alibi_slopes", "attn_mask", "dropout_p", "dropout_seed", "deterministic")
+                 "alibi_slopes", "attn_mask", "dropout_p", "dropout_seed", "deterministic", "block_table", "leftpad_k",
+                 "num_splits")
 
 
 def _setup_context(ctx, inputs, output):
@@ -142,25 +145,29 @@ for _device_type in ("cpu", "cuda"):
 # --------------------------------------------------------------------------- KV cache
 
 @torch.library.custom_op("mmkern::kvcache_append", mutates_args=("k_cache", "v_cache"))
-def kvcache_append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, cache_seqlens: Tensor) -> None:
-    """In place: k_cache[b, cache_seqlens[b] : cache_seqlens[b] + L_new] = k[b] (same for v).
-    k_cache/v_cache (B, L_cache, H_kv, D), k/v (B, L_new, H_kv, D), cache_seqlens (B,) int32."""
-    if k.shape[1] > 0 and k_cache.shape[0] > 0:
+def kvcache_append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, cache_seqlens: Tensor,
+                   block_table: Optional[Tensor] = None) -> None:
+    """In place: cache row cache_seqlens[b] + t of sequence b = k[b, t] (same for v). k/v (B, L_new, H_kv, D),
+    cache_seqlens (B,) int32/int64. Dense: k_cache/v_cache (B, L_cache, H_kv, D), row j of b is k_cache[b, j];
+    paged (block_table (B, max_blocks) int32): k_cache/v_cache (num_blocks, page_size, H_kv, D), row j of b is
+    k_cache[block_table[b, j // page_size], j % page_size]. The length check reads cache_seqlens: CPU only."""
+    problem = KVCacheAppend(k_cache, v_cache, k, v, cache_seqlens, block_table)
+    if k.shape[1] > 0 and k.shape[0] > 0 and cache_seqlens.device.type == "cpu":
         longest = int((cache_seqlens + k.shape[1]).max())
-        if longest > k_cache.shape[1]:
+        if longest > problem.cache_len:
             raise ValueError(f"mmkern.flash_attn_with_kvcache: cache_seqlens + k.shape[1] must be <= the cache length "
-                             f"{k_cache.shape[1]}; the largest is {longest}")
-    dispatch.call("kvcache_append", KVCacheAppend(k_cache, v_cache, k, v, cache_seqlens))
+                             f"{problem.cache_len}; the largest is {longest}")
+    dispatch.call("kvcache_append", problem)
 
 
 @kvcache_append.register_fake
-def _(k_cache, v_cache, k, v, cache_seqlens):
+def _(k_cache, v_cache, k, v, cache_seqlens, block_table=None):
     return None
 
 
 # what `attention()` and dispatch.problem() fill in for arguments a caller leaves out (optional tensors: None)
 _DEFAULTS = dict(max_seqlen_q=0, max_seqlen_k=0, softmax_scale=1.0, causal=False, causal_bottom_right=True,
-                 window_left=-1, window_right=-1, softcap=0.0, dropout_p=0.0, deterministic=False)
+                 window_left=-1, window_right=-1, softcap=0.0, dropout_p=0.0, deterministic=False, num_splits=0)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, **arguments) -> tuple[Tensor, Tensor]:

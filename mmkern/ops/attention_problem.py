@@ -8,7 +8,12 @@ kv_heads, head_dim, varlen, the (max) lengths, the lse shape, the effective caus
 Layouts (flash-attn's):
 - dense:   q (B, Lq, H, D), k/v (B, Lk, H_kv, D); lse (B, H, Lq) float32
 - varlen:  q (total_q, H, D), k/v (total_k, H_kv, D), cu_seqlens_q/k (B + 1,) int32; lse (H, total_q)
-- kvcache: dense, with seqused_k (B,) int32 = the number of valid keys of each sequence
+- kvcache: dense, with seqused_k (B,) int32 = the end of each sequence's valid keys, and optionally
+           leftpad_k (B,) int32 = their start: sequence b's keys are cache rows leftpad_k[b] .. seqused_k[b] - 1,
+           and its causal/window/ALiBi positions count from leftpad_k[b] (flash-attn's cache_leftpad)
+- paged:   kvcache with block_table (B, max_blocks) int32: k/v are pages (num_blocks, page_size, H_kv, D) and
+           cache row j of sequence b is k[block_table[b, j // page_size], j % page_size]; the logical cache
+           length (seqlen_k) is max_blocks * page_size. Inference only (no gradient), no attn_mask, no dropout.
 
 The numerics contract every backend keeps (and tests check for each one that takes the inputs):
 - a query row that sees no key (all masked, Lk = 0, an empty window, seqused_k = 0): out 0, lse -inf;
@@ -77,6 +82,10 @@ class AttentionProblem(NamedTuple):
     lse: Optional[Tensor] = None
     dlse: Optional[Tensor] = None
     attn_mask_needs_grad: bool = False
+    # the serving arguments (flash_attn_with_kvcache): see the layouts above
+    block_table: Optional[Tensor] = None   # (B, max_blocks) int32: paged k/v
+    leftpad_k: Optional[Tensor] = None     # (B,) int32/int64: where each sequence's keys start
+    num_splits: int = 0                    # key splits of a decode step: 0 = the backend chooses, 1 = none
 
     @property
     def device(self) -> torch.device:
@@ -124,7 +133,23 @@ class AttentionProblem(NamedTuple):
     @property
     def same_alignment(self) -> bool:
         """Top-left and bottom-right alignment give the same mask: dense, Lq == Lk, no seqused_k."""
-        return not self.varlen and self.seqlen_q == self.seqlen_k and self.seqused_k is None
+        return not self.varlen and self.seqlen_q == self.seqlen_k and self.seqused_k is None \
+            and self.leftpad_k is None
+
+    @property
+    def paged(self) -> bool:
+        return self.block_table is not None
+
+    @property
+    def page_size(self) -> int:
+        """Keys per page (paged), else 0."""
+        return self.k.shape[1] if self.block_table is not None else 0
+
+    def with_dense_cache(self, k: Tensor, v: Tensor, seqused_k: Optional[Tensor]) -> "AttentionProblem":
+        """This problem on a dense copy of its paged / left-padded cache: k, v (B, Lk, H_kv, D) holding each
+        sequence's keys from row 0, seqused_k (B,) their counts (for backends that gather rather than page)."""
+        return self._replace(k=k, v=v, seqused_k=seqused_k, seqlen_k=k.shape[1], max_seqlen_k=k.shape[1],
+                             block_table=None, leftpad_k=None)
 
     def with_gradients(self, dout: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
                        attn_mask_needs_grad: bool) -> "AttentionProblem":
@@ -133,33 +158,47 @@ class AttentionProblem(NamedTuple):
 
 def build(fn: str, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale,
           causal, causal_bottom_right, window_left, window_right, softcap, alibi_slopes, attn_mask, dropout_p,
-          dropout_seed, deterministic, *, validate: bool = True, read_values: bool = False) -> AttentionProblem:
+          dropout_seed, deterministic, block_table=None, leftpad_k=None, num_splits=0, *, validate: bool = True,
+          read_values: bool = False) -> AttentionProblem:
     """The record of one call from the op's flat arguments. `validate`: the shape/dtype/range checks
     (no data reads); `read_values`: also check cu_seqlens' values (eager only: reads them; independent of
-    `validate`, which dispatch.call_memoized turns off for a signature it has validated)."""
+    `validate`, which dispatch.call_memoized turns off for a signature it has validated).
+    The serving checks (block_table, leftpad_k, num_splits) are part of `validate`; their value checks (CPU
+    tensors only: on a GPU they would cost a host sync) part of `read_values`."""
+    serving = block_table is not None or leftpad_k is not None
     if validate:
+        if serving or num_splits:
+            check_serving_inputs(fn, q, k, v, cu_seqlens_q, seqused_k, block_table, leftpad_k, num_splits,
+                                 attn_mask, dropout_p)
         check_attention_inputs(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
-                               window_left, window_right, softcap, alibi_slopes, attn_mask, dropout_p)
+                               window_left, window_right, softcap, alibi_slopes, attn_mask, dropout_p,
+                               paged=block_table is not None)
     if read_values and cu_seqlens_q is not None:
         check_varlen_values(fn, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     varlen = cu_seqlens_q is not None
     if varlen:
         batch, seqlen_q, seqlen_k = cu_seqlens_q.shape[0] - 1, 0, 0
     else:
-        batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
+        batch, seqlen_q = q.shape[0], q.shape[1]
+        seqlen_k = k.shape[1] * block_table.shape[1] if block_table is not None else k.shape[1]
         max_seqlen_q, max_seqlen_k = seqlen_q, seqlen_k
+    if read_values and serving and q.device.type == "cpu":
+        check_serving_values(fn, k, seqused_k, block_table, leftpad_k, seqlen_k)
     return AttentionProblem(
         q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, softmax_scale, causal, causal_bottom_right, window_left,
         window_right, softcap, alibi_slopes, attn_mask, dropout_p, dropout_seed, deterministic,
         batch=batch, heads=q.shape[-2], kv_heads=k.shape[-2], head_dim=q.shape[-1], varlen=varlen,
-        seqlen_q=seqlen_q, seqlen_k=seqlen_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+        seqlen_q=seqlen_q, seqlen_k=seqlen_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+        block_table=block_table, leftpad_k=leftpad_k, num_splits=num_splits)
 
 
 # --------------------------------------------------------------------------- validation
 
 def check_attention_inputs(fn: str, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
-                           window_left, window_right, softcap, alibi_slopes, attn_mask, dropout_p) -> None:
-    """Shape/dtype/range checks (no data reads: safe on fake tensors)."""
+                           window_left, window_right, softcap, alibi_slopes, attn_mask, dropout_p,
+                           paged: bool = False) -> None:
+    """Shape/dtype/range checks (no data reads: safe on fake tensors). paged: k/v are pages (checked by
+    check_serving_inputs), so their batch and length are not q's."""
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
     rank = 3 if varlen else 4
     layout = "(total, heads, head_dim)" if varlen else "(batch, seqlen, heads, head_dim)"
@@ -186,7 +225,8 @@ def check_attention_inputs(fn: str, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused
                          f"({H}); got q {tuple(q.shape)}, k {tuple(k.shape)}")
     check_dim(fn, "v", v, 0, k.shape[0], "as k")
     if not varlen:
-        check_dim(fn, "k", k, 0, q.shape[0], "batch, as q")
+        if not paged:
+            check_dim(fn, "k", k, 0, q.shape[0], "batch, as q")
         check_dim(fn, "v", v, 1, k.shape[1], "seqlen, as k")
     else:
         for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
@@ -225,6 +265,63 @@ def check_attention_inputs(fn: str, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused
                              f"got {tuple(attn_mask.shape)}")
 
 
+def check_serving_inputs(fn: str, q, k, v, cu_seqlens_q, seqused_k, block_table, leftpad_k, num_splits, attn_mask,
+                         dropout_p) -> None:
+    """The serving arguments' shapes and dtypes (no data reads): block_table against the pages k/v,
+    leftpad_k, num_splits; and what they do not combine with."""
+    if not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 0:
+        raise ValueError(f"{fn}: num_splits must be an int >= 0 (0 = the backend chooses, 1 = no split); "
+                         f"got {num_splits!r}")
+    if block_table is None and leftpad_k is None:
+        return
+    what = "block_table" if block_table is not None else "cache_leftpad"
+    if cu_seqlens_q is not None:
+        raise ValueError(f"{fn}: {what} takes dense (batch, seqlen, heads, head_dim) q, not varlen")
+    if attn_mask is not None or dropout_p:
+        raise ValueError(f"{fn}: {what} (a KV cache) takes no attn_mask and no dropout")
+    if any(t.requires_grad for t in (q, k, v)):
+        raise ValueError(f"{fn}: {what} is for inference (a KV cache): q, k and v must not require grad")
+    batch = q.shape[0] if q.dim() == 4 else -1
+    if block_table is not None:
+        check_tensor(fn, "block_table", block_table, dtypes=(torch.int32,), ndim=2)
+        if block_table.shape[0] != batch:
+            raise ValueError(f"{fn}: block_table must have shape (batch, max_blocks_per_seq) with batch = {batch} "
+                             f"(q.shape[0]); got {tuple(block_table.shape)}")
+        if k.dim() != 4 or tuple(v.shape) != tuple(k.shape):
+            raise ValueError(f"{fn}: with block_table, k_cache and v_cache are pages (num_blocks, page_block_size, "
+                             f"kv_heads, head_dim) of one shape; got k_cache {tuple(k.shape)}, v_cache "
+                             f"{tuple(v.shape)}")
+        if k.shape[0] == 0 and block_table.numel():
+            raise ValueError(f"{fn}: block_table has entries but k_cache holds no pages (num_blocks = 0)")
+    if leftpad_k is not None:
+        check_tensor(fn, "cache_leftpad", leftpad_k, dtypes=(torch.int32, torch.int64), ndim=1)
+        check_dim(fn, "cache_leftpad", leftpad_k, 0, batch, "batch")
+        if seqused_k is None:
+            raise ValueError(f"{fn}: cache_leftpad needs cache_seqlens (where each sequence's cache ends)")
+    for name, t in (("block_table", block_table), ("cache_leftpad", leftpad_k)):
+        if t is not None and t.device != q.device:
+            raise ValueError(f"{fn}: {name} must be on q's device {q.device}; got {t.device}")
+
+
+def check_serving_values(fn: str, k, seqused_k, block_table, leftpad_k, seqlen_k: int) -> None:
+    """The serving arguments' values (reads them: CPU tensors only). On a GPU the kernels clamp instead."""
+    if block_table is not None and block_table.numel():
+        lo, hi = int(block_table.min()), int(block_table.max())
+        if lo < 0 or hi >= k.shape[0]:
+            raise ValueError(f"{fn}: block_table entries must be page indices in 0..{k.shape[0] - 1} (num_blocks "
+                             f"= k_cache.shape[0] = {k.shape[0]}); got entries from {lo} to {hi}")
+    used = seqused_k.tolist() if seqused_k is not None else None
+    if used is not None and used and (min(used) < 0 or max(used) > seqlen_k):
+        raise ValueError(f"{fn}: cache_seqlens (+ the new tokens) must be in 0..{seqlen_k}, the cache length"
+                         f"{' (max_blocks_per_seq * page_block_size)' if block_table is not None else ''}; got {used}")
+    if leftpad_k is not None:
+        pads = leftpad_k.tolist()
+        bad = [b for b, (pad, end) in enumerate(zip(pads, used)) if not 0 <= pad <= end]
+        if bad:
+            raise ValueError(f"{fn}: cache_leftpad must be in 0..cache_seqlens for every sequence; got cache_leftpad "
+                             f"{pads} and cache_seqlens (+ the new tokens) {used}")
+
+
 def check_varlen_values(fn: str, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> None:
     """Checks that read cu_seqlens (one small device-to-host copy): eager calls only."""
     for name, cu, packed, max_len, max_name in (("cu_seqlens_q", cu_seqlens_q, q, max_seqlen_q, "max_seqlen_q"),
@@ -242,13 +339,22 @@ def check_varlen_values(fn: str, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
 
 @dataclass(frozen=True)
 class KVCacheAppend:
-    """One mmkern::kvcache_append: k_cache[b, cache_seqlens[b] + t] = k[b, t] (same for v), in place.
-    k_cache/v_cache (B, L_cache, H_kv, D), k/v (B, L_new, H_kv, D), cache_seqlens (B,) int32/int64."""
+    """One mmkern::kvcache_append: cache row cache_seqlens[b] + t of sequence b = k[b, t] (same for v), in place.
+    k/v (B, L_new, H_kv, D), cache_seqlens (B,) int32/int64; k_cache/v_cache (B, L_cache, H_kv, D), or pages
+    (num_blocks, page_size, H_kv, D) with block_table (B, max_blocks) int32 (the layouts above)."""
     k_cache: Tensor
     v_cache: Tensor
     k: Tensor
     v: Tensor
     cache_seqlens: Tensor
+    block_table: Optional[Tensor] = None
+
+    @property
+    def cache_len(self) -> int:
+        """Rows each sequence's cache holds: L_cache, or max_blocks * page_size when paged."""
+        if self.block_table is None:
+            return self.k_cache.shape[1]
+        return self.block_table.shape[1] * self.k_cache.shape[1]
 
     @property
     def device(self) -> torch.device:

@@ -234,7 +234,9 @@ def _masking(p) -> Masking:
 
 def forward(p):
     """Kernel of mmkern::attention_forward (p: the op's AttentionProblem): float64 math (see precision.py),
-    output in q's dtype, lse float32."""
+    output in q's dtype, lse float32. Paged / left-padded caches are first read into a plain dense view."""
+    if p.paged or p.leftpad_k is not None:
+        p = p.with_dense_cache(*_cache_view(p))
     qp, kp, vp, q_lens, k_lens = _as_padded(p.q, p.k, p.v, p.cu_seqlens_q, p.cu_seqlens_k, p.seqused_k,
                                             p.max_seqlen_q, p.max_seqlen_k, compute_dtype())
     keep = _keep_mask(p.dropout_p, p.dropout_seed, qp, kp)
@@ -271,11 +273,33 @@ def backward(p):
 
 
 def kvcache_append(p):
-    """Kernel of mmkern::kvcache_append: k_cache[b, cache_seqlens[b] + t] = k[b, t] (same for v), in place."""
-    Lnew = p.k.shape[1]
+    """Kernel of mmkern::kvcache_append: cache row cache_seqlens[b] + t of sequence b = k[b, t] (same for v), in
+    place; row j is k_cache[b, j] (dense) or k_cache[block_table[b, j // page], j % page] (paged)."""
     for b, start in enumerate(p.cache_seqlens.tolist()):
-        p.k_cache[b, start:start + Lnew] = p.k[b]
-        p.v_cache[b, start:start + Lnew] = p.v[b]
+        for t in range(p.k.shape[1]):
+            j = start + t
+            page, slot = (b, j) if p.block_table is None else (int(p.block_table[b, j // p.k_cache.shape[1]]),
+                                                               j % p.k_cache.shape[1])
+            p.k_cache[page, slot] = p.k[b, t]
+            p.v_cache[page, slot] = p.v[b, t]
+
+
+def _cache_view(p):
+    """The serving layouts as plain dense k/v: (k, v) (B, max valid keys, H_kv, D) holding each sequence's
+    keys leftpad_k[b] .. seqused_k[b] - 1 (read through block_table when paged) from row 0, and the valid
+    key counts (B,) — what the dense path below takes (oracle code: one row at a time)."""
+    B, page = p.batch, p.page_size
+    ends = p.seqused_k.tolist() if p.seqused_k is not None else [p.seqlen_k] * B
+    starts = p.leftpad_k.tolist() if p.leftpad_k is not None else [0] * B
+    lens = [e - s for s, e in zip(starts, ends)]
+    k = p.k.new_zeros((B, max(lens, default=0), p.kv_heads, p.head_dim))
+    v = p.v.new_zeros(k.shape)
+    for b in range(B):
+        for j in range(starts[b], ends[b]):
+            src = (b, j) if not p.paged else (int(p.block_table[b, j // page]), j % page)
+            k[b, j - starts[b]] = p.k[src]
+            v[b, j - starts[b]] = p.v[src]
+    return k, v, torch.tensor(lens, dtype=torch.int32, device=p.q.device)
 
 
 def default_softmax_scale(head_dim: int) -> float:

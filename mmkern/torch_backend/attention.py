@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from mmkern.ops.attention_problem import AttentionProblem
+from mmkern.torch_backend.cache_gather import gathered_cache
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -219,6 +220,8 @@ def _sequences(p: AttentionProblem):
 
 
 def forward(p: AttentionProblem):
+    if p.paged or p.leftpad_k is not None:
+        p = p.with_dense_cache(*gathered_cache(p))           # a dense copy of the cache (cache_gather.py)
     if not p.varlen and p.q.numel() and p.k.shape[1]:
         o, l = _Dense(p, p.q, p.k, p.v, p.seqused_k, p.alibi_slopes, p.attn_mask).forward()
         return o.transpose(1, 2).contiguous(), l.contiguous()   # torch's out is (B, L, H, D) in memory already

@@ -143,22 +143,30 @@ def _decode(p, out, lse, scalars, flags, pointers, alibi_stride, tiles: Tiles) -
     """Split kernel into float32 partials (splits, rows, heads, head_dim) and (splits, rows, heads),
     then the merge kernel into out and lse (attention_split_kv.py decides when and how many splits)."""
     q, k, v = p.q, p.k, p.v
+    if p.max_seqlen_k == 0:                    # no key at all (an empty paged table): every row sees nothing
+        out.zero_(), lse.fill_(float("-inf"))
+        return
     num_splits = decode_splits(p, q.device, tiles)
     blocks = triton.cdiv(p.max_seqlen_k, tiles.block_n)
     split_len = triton.cdiv(blocks, num_splits) * tiles.block_n
     num_splits = triton.cdiv(p.max_seqlen_k, split_len)
     rows = q.shape[0] if p.varlen else p.batch * p.seqlen_q
+    table = p.block_table
     out_part = new_output((num_splits, rows, p.heads, p.head_dim), torch.float32, q.device)
     lse_part = new_output((num_splits, rows, p.heads), torch.float32, q.device)
     row_chunks = triton.cdiv((p.heads // p.kv_heads) * p.max_seqlen_q, tiles.block_m)
     attention_decode_split_kernel[(num_splits, p.batch * p.kv_heads, row_chunks)](
         q, k, v, out_part, lse_part, pointers["Alibi"], pointers["CuSeqlensQ"], pointers["CuSeqlensK"],
-        pointers["SequsedK"], *_row_strides(q, p.varlen), *_row_strides(k, p.varlen), *_row_strides(v, p.varlen),
+        pointers["SequsedK"], table if p.paged else pointers["SequsedK"],
+        p.leftpad_k.int() if p.leftpad_k is not None else pointers["SequsedK"],
+        *_row_strides(q, p.varlen), *_row_strides(k, p.varlen), *_row_strides(v, p.varlen),
         out_part.stride(0), out_part.stride(1), out_part.stride(2), lse_part.stride(0), lse_part.stride(1),
-        alibi_stride, p.seqlen_q, p.seqlen_k, p.heads, p.kv_heads, p.head_dim, split_len,
+        alibi_stride, table.stride(0) if p.paged else 0, p.seqlen_q, p.seqlen_k, p.heads, p.kv_heads, p.head_dim,
+        split_len, max(p.page_size, 1), max(k.shape[0], 1), max(table.shape[1], 1) if p.paged else 1,
         scalars["scale"], scalars["softcap"], scalars["window_left"], scalars["window_right"],
         scalars["bottom_right"], GROUP=flags["GROUP"], IS_VARLEN=p.varlen, HAS_SEQUSED=flags["HAS_SEQUSED"],
-        SOFTCAP=flags["SOFTCAP"], ALIBI=flags["ALIBI"], FP32_DOT=flags["FP32_DOT"], BLOCK_M=tiles.block_m,
+        SOFTCAP=flags["SOFTCAP"], ALIBI=flags["ALIBI"], FP32_DOT=flags["FP32_DOT"], PAGED=p.paged,
+        HAS_LEFTPAD=p.leftpad_k is not None, BLOCK_M=tiles.block_m,
         BLOCK_N=tiles.block_n, BLOCK_D=decode_block_d(p.head_dim), num_warps=tiles.num_warps,
         num_stages=tiles.num_stages, **kernel_options(attention_decode_split_kernel))
     lb, lh, lm = _lse_strides(lse, p.varlen)

@@ -41,7 +41,7 @@ def aot_configs():
                 tiles = decode_tiles(family, bd, dtype)
                 yield (attention_decode_split_kernel, _signature(attention_decode_split_kernel, name),
                        dict(GROUP=2, IS_VARLEN=False, HAS_SEQUSED=True, SOFTCAP=True, ALIBI=True,
-                            FP32_DOT=name == "fp32", BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=bd),
+                            FP32_DOT=name == "fp32", PAGED=True, HAS_LEFTPAD=True, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=bd),
                        tiles.num_warps, tiles.num_stages, family_archs)
     # the row-wise kernels: one compile per dtype serves every head dim and architecture table
     for name in dtypes:
@@ -61,9 +61,10 @@ def _constexprs(bd, tiles, dtype):
 _SCALARS = {"seqlen_q": "i32", "seqlen_k": "i32", "max_seqlen_q": "i32", "max_seqlen_k": "i32", "num_heads": "i32",
             "num_kv_heads": "i32", "head_dim": "i32", "scale": "fp32", "softcap": "fp32", "window_left": "i32",
             "window_right": "i32", "bottom_right": "i32", "dropout_p": "fp32", "seed": "i64", "split_len": "i32",
-            "rows_per_batch": "i32", "total": "i32", "num_splits": "i32"}
+            "rows_per_batch": "i32", "total": "i32", "num_splits": "i32",
+            "page_size": "i32", "num_blocks": "i32", "max_blocks": "i32"}
 _FP32_POINTERS = ("Lse", "Delta", "Alibi", "OutPart", "LsePart", "DLse")
-_INT_POINTERS = ("CuSeqlensQ", "CuSeqlensK", "SequsedK")
+_INT_POINTERS = ("CuSeqlensQ", "CuSeqlensK", "SequsedK", "BlockTable", "LeftpadK")
 
 
 def _signature(kernel, dtype: str) -> dict:

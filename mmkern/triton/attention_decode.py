@@ -14,6 +14,10 @@ and most of the GPU idles. Here the keys are cut into `num_splits` contiguous ra
 - `merge_attention_splits_kernel`, grid (cdiv(rows * heads, BLOCK_R),): per (row, head)
       lse = log sum_s exp(LsePart_s),   out = sum_s exp(LsePart_s - lse) OutPart_s
   (a row whose every range is empty: out 0, lse -inf, as the normal forward).
+Paged caches (PAGED: K/V (num_blocks, page_size, H_kv, D), BlockTable (B, max_blocks) int32) are read in place:
+each tile's rows are found through the table, one int32 per key, so pages of any size and order cost the
+same loads as a dense cache (no gathered copy). HAS_LEFTPAD: sequence b's keys start at cache row
+LeftpadK[b] (flash-attn's cache_leftpad); its positions count from there.
 Memory traffic: K, V once per kv head (the group shares them), plus the partials:
 num_splits * rows * heads * (head_dim + 1) float32 written and read once; O(L) in every length.
 """
@@ -25,13 +29,13 @@ from mmkern.triton.attention_scores import LOG2E, cast, dot, max_nan, row_max, s
 
 @triton.jit
 def attention_decode_split_kernel(
-    Q, K, V, OutPart, LsePart, Alibi, CuSeqlensQ, CuSeqlensK, SequsedK,
+    Q, K, V, OutPart, LsePart, Alibi, CuSeqlensQ, CuSeqlensK, SequsedK, BlockTable, LeftpadK,
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
-    stride_ps, stride_pr, stride_ph, stride_ls, stride_lr, stride_ab,
-    seqlen_q, seqlen_k, num_heads, num_kv_heads, head_dim, split_len,
+    stride_ps, stride_pr, stride_ph, stride_ls, stride_lr, stride_ab, stride_bt,
+    seqlen_q, seqlen_k, num_heads, num_kv_heads, head_dim, split_len, page_size, num_blocks, max_blocks,
     scale, softcap, window_left, window_right, bottom_right,
     GROUP: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, SOFTCAP: tl.constexpr,
-    ALIBI: tl.constexpr, FP32_DOT: tl.constexpr,
+    ALIBI: tl.constexpr, FP32_DOT: tl.constexpr, PAGED: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     split = tl.program_id(0)
@@ -39,6 +43,10 @@ def attention_decode_split_kernel(
     kv_head = tl.program_id(1) % num_kv_heads
     q_start, q_len, k_start, k_len = sequence_bounds(batch, CuSeqlensQ, CuSeqlensK, SequsedK, seqlen_q, seqlen_k,
                                                      IS_VARLEN, HAS_SEQUSED)
+    if HAS_LEFTPAD:                  # dense caches only: sequence `batch` keys are cache rows [pad, seqused_k)
+        pad = tl.load(LeftpadK + batch)
+        k_start = pad
+        k_len = k_len - pad
     r_start = tl.program_id(2) * BLOCK_M
     if r_start >= q_len * GROUP:
         return
@@ -53,8 +61,12 @@ def attention_decode_split_kernel(
     q = tl.load(Q + batch.to(tl.int64) * stride_qb + (q_start + qi[:, None]).to(tl.int64) * stride_qm
                 + head[:, None] * stride_qh + dims[None, :], mask=row_ok[:, None] & (dims[None, :] < head_dim),
                 other=0.0)
-    k_base = K + batch.to(tl.int64) * stride_kb + k_start.to(tl.int64) * stride_kn + kv_head * stride_kh
-    v_base = V + batch.to(tl.int64) * stride_vb + k_start.to(tl.int64) * stride_vn + kv_head * stride_vh
+    if PAGED:       # rows are found per tile through the block table (below); the bases hold the head only
+        k_base = K + kv_head * stride_kh
+        v_base = V + kv_head * stride_vh
+    else:
+        k_base = K + batch.to(tl.int64) * stride_kb + k_start.to(tl.int64) * stride_kn + kv_head * stride_kh
+        v_base = V + batch.to(tl.int64) * stride_vb + k_start.to(tl.int64) * stride_vn + kv_head * stride_vh
     slope = tl.zeros((BLOCK_M, 1), tl.float32)
     if ALIBI:
         slope = (tl.load(Alibi + batch * stride_ab + head, mask=row_ok, other=0.0))[:, None]
@@ -75,7 +87,21 @@ def attention_decode_split_kernel(
     for n_start in range(lo, hi, BLOCK_N):
         cols = n_start + cols0
         kv_mask = (cols[:, None] < split_hi) & (dims[None, :] < head_dim)
-        k = tl.load(k_base + cols[:, None].to(tl.int64) * stride_kn + dims[None, :], mask=kv_mask, other=0.0)
+        if PAGED:
+            # cache row k_start + j of the sequence is row (k_start + j) % page_size of page
+            # BlockTable[batch, (k_start + j) // page_size]; page and table indices clamped into range (on a
+            # GPU nothing checks them on the host)
+            row = k_start + cols
+            entry = tl.minimum(row // page_size, max_blocks - 1)
+            page = tl.load(BlockTable + batch.to(tl.int64) * stride_bt + entry, mask=cols < split_hi, other=0)
+            page = tl.minimum(tl.maximum(page, 0), num_blocks - 1).to(tl.int64)
+            slot = (row % page_size).to(tl.int64)
+            k_rows = page * stride_kb + slot * stride_kn
+            v_rows = page * stride_vb + slot * stride_vn
+        else:
+            k_rows = cols.to(tl.int64) * stride_kn
+            v_rows = cols.to(tl.int64) * stride_vn
+        k = tl.load(k_base + k_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
         s, _ = score_tile(q, k, qi, cols, q_len, split_hi, align, scale, softcap, slope, window_left,
                           window_right, Q, SOFTCAP, ALIBI, 0, FP32_DOT)
         m_new = max_nan(m_i, row_max(s))           # NaN scores stay in m (see the epilogue)
@@ -83,7 +109,7 @@ def attention_decode_split_kernel(
         p = tl.exp2((s - m_safe[:, None]) * LOG2E)     # e^(s - m); the difference first (attention_scores)
         rescale = tl.exp2((m_i - m_safe) * LOG2E)
         l_i = l_i * rescale + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None].to(tl.int64) * stride_vn + dims[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + v_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
         acc = acc * rescale[:, None] + dot(cast(p, v.dtype), v, FP32_DOT)
         m_i = m_new
 
