@@ -273,6 +273,13 @@ def cases() -> list[Case]:
                  q, k_cache, v_cache, k, v, cache_seqlens=torch.tensor([0, 17, 32], dtype=torch.int32),
                  causal=True),),
              cast=("q", "k_cache", "v_cache", "k", "v"), ops=("kvcache_append", "attention_forward")),
+        Case("flash_attn_with_kvcache paged decode", "B3 Lq1 pages 7x16 (2 per sequence, shuffled) +1 H4/2 D48",
+             lambda: dict(q=_randn(3, 1, 4, 48), k_cache=_randn(7, 16, 2, 48), v_cache=_randn(7, 16, 2, 48),
+                          k=_randn(3, 1, 2, 48), v=_randn(3, 1, 2, 48)),
+             lambda q, k_cache, v_cache, k, v: (mmkern.flash_attn_with_kvcache(
+                 q, k_cache, v_cache, k, v, cache_seqlens=torch.tensor([0, 16, 29], dtype=torch.int32),
+                 block_table=torch.tensor([[5, 2], [0, 6], [3, 1]], dtype=torch.int32), causal=True),),
+             cast=("q", "k_cache", "v_cache", "k", "v"), ops=("kvcache_append", "attention_forward")),
         Case("scaled_dot_product_attention mask", "B2 H3 Lq7 Lk10 D16",
              lambda: dict(q=_randn(2, 3, 7, 16), k=_randn(2, 3, 10, 16), v=_randn(2, 3, 10, 16), mask=_randn(7, 10)),
              lambda q, k, v, mask: (mmkern.scaled_dot_product_attention(q, k, v, attn_mask=mask),),

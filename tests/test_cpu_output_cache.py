@@ -133,6 +133,11 @@ POISONED_CALLS = {
             both(lambda q: mmkern.apply_rotary_emb(q, cos, sin, seqlen_offsets=torch.tensor([0, 13])), q)
             both(lambda q: mmkern.apply_rotary_emb(q.flatten(0, 1), cos, sin, True, cu_seqlens=torch.tensor(
                 [0, 30, 30, 74], dtype=torch.int32), max_seqlen=44), q)
+            pages, table = torch.randn(6, 16, 3, 40, dtype=dtype), torch.tensor([[4, 1, 2], [0, 5, 3]], dtype=torch.int32)
+            both(lambda q, kp, vp: mmkern.flash_attn_with_kvcache(     # paged, left-padded, one empty cache
+                q[:, :3], kp, vp, cache_seqlens=torch.tensor([40, 0], dtype=torch.int32), block_table=table,
+                cache_leftpad=torch.tensor([5, 0], dtype=torch.int32), causal=True, return_lse=True),
+                q, pages, pages.clone(), grads=False)
     """),
 }
 

@@ -17,7 +17,8 @@ BACKENDS = ["torch", "triton", "cpu"]
 
 
 def naive_attention(q, k, v, causal, window):
-    """q (Lq, H, D), k/v (Lk, H_kv, D) float64, bottom-right aligned causal / window: (Lq, H, D)."""
+    """q (Lq, H, D), k/v (Lk, H_kv, D) float64, bottom-right aligned causal / window: (Lq, H, D).
+    (tests/test_paged_kvcache.py uses it too.)"""
     Lq, H, D = q.shape
     Lk, H_kv = k.shape[0], k.shape[1]
     k, v = k.repeat_interleave(H // H_kv, dim=1), v.repeat_interleave(H // H_kv, dim=1)

@@ -3,14 +3,13 @@ num_splits. Checked against an independent float64 recomputation from a dense vi
 rotary + naive attention), every backend against the oracle with flash-attn's criterion per output, the caches
 afterwards (the new rows where the table says, every other slot bit for bit), a 64-step paged decode loop against
 the same loop on dense caches, torch.compile, and the bad inputs."""
-import math
-
 import pytest
 import torch
 
 import mmkern
 from conftest import assert_backend_matches_oracle, forced
 from mmkern import verify
+from test_kvcache_rotary import naive_attention
 from test_rotary import complex_rotary, rope_tables
 
 BACKENDS = ["torch", "triton", "cpu"]
@@ -35,29 +34,6 @@ def paged(dense: torch.Tensor, page: int, spare: int = 3, generator=None):
 def dense_view(pages: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
     """(B, max_blocks * page, H_kv, D): each sequence's pages in table order (the test's own reading)."""
     return torch.stack([torch.cat([pages[int(i)] for i in row]) for row in block_table])
-
-
-def naive_attention(q, k, v, causal, window, alibi=None):
-    """q (Lq, H, D), k/v (Lk, H_kv, D) float64, bottom-right aligned causal / window, ALiBi slopes (H,) or None."""
-    Lq, H, D = q.shape
-    Lk, H_kv = k.shape[0], k.shape[1]
-    k, v = k.repeat_interleave(H // H_kv, dim=1), v.repeat_interleave(H // H_kv, dim=1)
-    s = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(D)
-    i = torch.arange(Lq)[:, None] + Lk - Lq
-    j = torch.arange(Lk)[None, :]
-    if alibi is not None:
-        s = s - alibi.view(H, 1, 1) * (i - j).abs()
-    left, right = window
-    if causal:
-        right = 0
-    visible = torch.ones(Lq, Lk, dtype=torch.bool)
-    if left >= 0:
-        visible &= j >= i - left
-    if right >= 0:
-        visible &= j <= i + right
-    s = s.masked_fill(~visible, -math.inf)
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
-    return torch.einsum("hqk,khd->qhd", p, v)
 
 
 # (B, Lq, L_new, H, H_kv, D, rotary_dim, page, pages per sequence, cache_seqlens, interleaved, causal, window)

@@ -28,7 +28,11 @@ def attention_forward_cases():
     masked = (q, k, v, None, None, None, 0, 0, 0.3, False, False, -1, -1, 0.0, None, mask, 0.0, None, False)
     kvcache = (q.detach(), k.detach(), v.detach(), None, None, torch.tensor([3, 6], dtype=torch.int32), 0, 0, 0.3,
                True, True, -1, -1, 0.0, None, None, 0.0, None, False)
-    return {"dense": dense, "dropout": dropout, "varlen": varlen, "masked": masked, "kvcache": kvcache}
+    pages, table = randn(5, 16, 2, 8), torch.tensor([[4, 1], [0, 3]], dtype=torch.int32)
+    paged = (q.detach(), pages, pages.clone(), None, None, torch.tensor([17, 30], dtype=torch.int32), 0, 0, 0.3, True,
+             True, -1, -1, 0.0, None, None, 0.0, None, False, table, torch.tensor([2, 0], dtype=torch.int32), 3)
+    return {"dense": dense, "dropout": dropout, "varlen": varlen, "masked": masked, "kvcache": kvcache,
+            "paged leftpad num_splits": paged}
 
 
 @pytest.mark.parametrize("case", list(attention_forward_cases()))
@@ -49,6 +53,12 @@ def test_opcheck_attention_backward():
 def test_opcheck_kvcache_append():
     args = (randn(2, 9, 2, 8), randn(2, 9, 2, 8), randn(2, 3, 2, 8), randn(2, 3, 2, 8),
             torch.tensor([0, 6], dtype=torch.int32))
+    torch.library.opcheck(ops.kvcache_append, args)
+
+
+def test_opcheck_kvcache_append_paged():
+    args = (randn(5, 16, 2, 8), randn(5, 16, 2, 8), randn(2, 3, 2, 8), randn(2, 3, 2, 8),
+            torch.tensor([14, 0], dtype=torch.int32), torch.tensor([[4, 1], [0, 3]], dtype=torch.int32))
     torch.library.opcheck(ops.kvcache_append, args)
 
 
