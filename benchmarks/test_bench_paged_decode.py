@@ -21,8 +21,8 @@ backend auto dispatch ran it on, from mmkern.dispatch_log on one untimed call; f
 Each row's output (of its last timed call) is checked against a float64 reference after the timing.
 
 Sizes:
-    GPU (also under MMKERN_BENCH_SIZES=quick: these are the rows scripts/gpu_check.sh runs): bf16, batch 1/16/64,
-        cache 1k/8k/32k, page 16 and 256
+    GPU: bf16, batch 1/16/64, cache 1k/8k/32k, page 16 and 256; under MMKERN_BENCH_SIZES=quick (the rows
+        scripts/gpu_check.sh runs, inside its bench step's time limit) the corners: batch 1/64, cache 1k/32k
     CPU: fp32, batch 1 and 8, cache 1k and 4k, page 16 and 256 (about a minute on two cores)
     CPU under --benchmark-disable (CI's smoke) or MMKERN_BENCH_SIZES=quick: fp32, batch 2, cache 512, page 16 and
         256 (every code path in a few seconds)
@@ -43,7 +43,9 @@ IMPLS = ["mmkern_paged", "mmkern_dense", "torch_gathered"]
 _DT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
-if ON_GPU:
+if ON_GPU and QUICK:        # scripts/gpu_check.sh: its bench step runs every file at quick sizes within 95 s
+    DTYPES, BATCHES, CACHE_LENS, PAGES = [torch.bfloat16], [1, 64], [1024, 32768], [16, 256]
+elif ON_GPU:
     DTYPES, BATCHES, CACHE_LENS, PAGES = [torch.bfloat16], [1, 16, 64], [1024, 8192, 32768], [16, 256]
 else:
     DTYPES, BATCHES, CACHE_LENS, PAGES = [torch.float32], [1, 8], [1024, 4096], [16, 256]
