@@ -88,7 +88,7 @@ def _forward_inputs(**changes):
     inputs = dict(q=q, k=k, v=k, cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, max_seqlen_q=17,
                   max_seqlen_k=23, softmax_scale=0.125, causal=False, causal_bottom_right=True, window_left=-1,
                   window_right=-1, softcap=0.0, alibi_slopes=None, attn_mask=None, dropout_p=0.0, dropout_seed=None,
-                  deterministic=False)
+                  deterministic=False, block_table=None, leftpad_k=None, num_splits=0)
     inputs.update(changes)
     return inputs
 

@@ -127,7 +127,8 @@ def _register_autocast(device_type: str) -> None:
 
     def kernel(_keyset, *args):
         dtype = torch.get_autocast_dtype(device_type)
-        args = dict(zip(_FORWARD_ARGS, args))
+        # the dispatcher may leave out trailing arguments that equal their defaults
+        args = {**_DEFAULT_ARGS, **dict(zip(_FORWARD_ARGS, args))}
         for name in ("q", "k", "v", "attn_mask"):
             t = args[name]
             if t is not None and t.is_floating_point() and t.dtype != torch.float64:
@@ -185,6 +186,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, **arguments) -> tuple[Tensor, Ten
 
 _INDEX = {name: i for i, name in enumerate(_FORWARD_ARGS)}
 _DEFAULT_ROW = [_DEFAULTS.get(name) for name in _FORWARD_ARGS]
+_DEFAULT_ARGS = dict(zip(_FORWARD_ARGS, _DEFAULT_ROW))
 
 
 def _forward_problem(**inputs) -> AttentionProblem:
