@@ -98,6 +98,7 @@ ND = "tests/test_native_diffusion.py::"
 G = "tests/test_mutant_guards.py::"
 OC = "tests/test_cpu_output_cache.py::"
 RT = "mmkern/triton/rotary.py"
+HF = "tests/test_integration_transformers.py::"
 R = "tests/test_rotary.py::"
 P = "tests/test_paged_kvcache.py::"
 
@@ -236,6 +237,16 @@ MUTANTS: tuple[Mutant, ...] = (
            "return k_cache, v_cache, None",
            "flash_attn_with_kvcache: cache_batch_idx checked but batch entry b still uses cache row b",
            (P + "test_cache_batch_idx_reads_and_appends_the_named_rows[reference]",)),
+    Mutant("hf-static-cache-leftpad-dropped", "attention", "mmkern/integrations/transformers/mask.py",
+           "padding.mmkern_cache = (leftpad.to(torch.int32),",
+           "padding.mmkern_cache = (torch.zeros_like(leftpad, dtype=torch.int32),",
+           "transformers StaticCache: each row's keys taken from slot 0, its left pad attended",
+           (HF + "test_gpt2_generate_with_a_static_cache_runs_on_the_kvcache_kernel[reference-left-padded]",)),
+    Mutant("hf-4d-cache-bounds-query-off-by-one", "attention", "mmkern/integrations/transformers/attention.py",
+           "last = seqused[:, None] - Lq + torch.arange(Lq, device=kept.device)",
+           "last = seqused[:, None] - Lq + 1 + torch.arange(Lq, device=kept.device)",
+           "transformers 4D StaticCache mask: query i's last key read one slot late (bounds never recognised)",
+           (HF + "test_a_4d_static_cache_mask_is_read_as_cache_bounds[inference]",)),
     # ---------------------------------------------------------------- norm (Triton)
     Mutant("norm-triton-pre-in-x-dtype", "norm", NT,
            "pre = torch.empty((rows, N), dtype=p.stream_dtype, device=x.device)",

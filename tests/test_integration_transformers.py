@@ -331,22 +331,94 @@ def test_gemma2_softcap_sliding_window_and_gqa_through_the_attention_interface(m
         assert torch.equal(model.generate(ids, **kwargs), eager.generate(ids, **kwargs))
 
 
-def test_gpt2_generate_with_a_static_cache_uses_the_sdpa_drop_in(monkeypatch):
-    """A StaticCache holds more key slots than tokens seen, which the kernel's bottom-right causal flag cannot
-    express: transformers' boolean mask then goes to mmkern.scaled_dot_product_attention (same tokens)."""
+KVCACHE_BACKENDS = [b for b in BACKENDS if b != "cuda"]  # the CUDA C++ kernel takes no cache_leftpad
+
+
+@pytest.mark.parametrize("left_padded", [False, True], ids=["unpadded", "left-padded"])
+@pytest.mark.parametrize("backend", KVCACHE_BACKENDS)
+def test_gpt2_generate_with_a_static_cache_runs_on_the_kvcache_kernel(monkeypatch, backend, left_padded):
+    """A StaticCache holds more key slots than tokens seen (its keys run past the last query): each layer's
+    attention reaches mmkern.flash_attn_with_kvcache with cache_leftpad = each row's left pad and cache_seqlens =
+    the tokens seen, never a dense mask; greedy tokens equal the unpatched model's (same cache)."""
+    seen = []
+    kvcache = mmkern.flash_attn_with_kvcache
+
+    def spy(q, k_cache, v_cache, *args, **kwargs):
+        seen.append((q.shape[1], k_cache.shape[1], kwargs["cache_leftpad"].tolist(),
+                     kwargs["cache_seqlens"].tolist(), kwargs["causal"]))
+        return kvcache(q, k_cache, v_cache, *args, **kwargs)
+
+    def no_dense(*args, **kwargs):
+        raise AssertionError("a dense mask reached mmkern.scaled_dot_product_attention")
+
+    monkeypatch.setattr(mmkern, "flash_attn_with_kvcache", spy)
+    monkeypatch.setattr(mmkern, "scaled_dot_product_attention", no_dense)
+    log = mmkern.dispatch_log()
+    want, got = tp.generate_pair(backend, new_tokens=3, left_padded=left_padded, log=log,
+                                 cache_implementation="static")
+    assert want.shape == got.shape == (3, 7 + 3)
+    assert torch.equal(want, got)
+    pads = [0, 3, 5] if left_padded else [0, 0, 0]
+    slots = seen[0][1]
+    assert slots >= 7 + 3 - 1  # the last new token is never cached
+    # 2 layers x (the prefill of 7 queries, then one query per new token), over the whole cache
+    assert seen[:4] == [(7, slots, pads, [7] * 3, True)] * 2 + [(1, slots, pads, [8] * 3, True)] * 2
+    # where the last step fills the cache (9 slots), transformers 4.x's 4D mask is plain key padding + causality,
+    # which takes the varlen / causal-flag path (no dense mask either); 5.x's mmkern_mask keeps the bounds
+    assert seen[4:] == [(1, slots, pads, [9] * 3, True)] * 2 or (slots == 9 and seen[4:] == [])
+    assert tp.ran_on_row("generate", backend, torch.float32, log.calls).passed, sorted(set(log.calls))
+
+
+def test_static_cache_with_padding_in_the_middle_takes_the_sdpa_drop_in(monkeypatch):
+    """Padding inside a sequence is no cache_leftpad: transformers' boolean mask goes to
+    mmkern.scaled_dot_product_attention instead (same tokens), and the KV-cache kernel is not called."""
     base = tp.tiny_gpt2().float().eval()
     patched = mmt.apply_mmkern(copy.deepcopy(base))
     calls = []
     real = mmkern.scaled_dot_product_attention
     monkeypatch.setattr(mmkern, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(mmkern, "flash_attn_with_kvcache", None)  # a call would fail
     ids = torch.randint(3, 100, (2, 6))
     mask = torch.ones_like(ids)
-    mask[1, :2] = 0
+    mask[1, 2:4] = 0
     kwargs = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
                   cache_implementation="static")
     with torch.no_grad(), mmkern.backend("reference"):
         assert torch.equal(patched.generate(ids * mask, **kwargs), base.generate(ids * mask, **kwargs))
     assert calls
+
+
+@pytest.mark.parametrize("needs_grad", [False, True], ids=["inference", "with-gradients"])
+def test_a_4d_static_cache_mask_is_read_as_cache_bounds(monkeypatch, needs_grad):
+    """transformers' boolean 4D mask of a causal layer over a StaticCache (left pads, then the tokens seen, then
+    unused slots; the left pad's own query rows see nothing) is read as cache_leftpad / cache_seqlens: in
+    inference on the KV-cache kernel, with gradients as a bounds mask on the SDPA drop-in; both match
+    transformers' SDPA on that mask at the real queries, and gradients flow to q, k and v."""
+    B, H, Lq, slots, D = 3, 4, 5, 12, 16
+    leftpad, seqused = torch.tensor([0, 2, 4]), 9
+    query_pos = seqused - Lq + torch.arange(Lq)
+    j = torch.arange(slots)
+    kept = (j >= leftpad[:, None, None]) & (j <= query_pos[None, :, None])   # (B, Lq, slots)
+    mask = kept[:, None]
+    q, k, v = (torch.randn(B, H, L, D, dtype=torch.float64, requires_grad=needs_grad)
+               for L in (Lq, slots, slots))
+    calls = []
+    kvcache = mmkern.flash_attn_with_kvcache
+    monkeypatch.setattr(mmkern, "flash_attn_with_kvcache", lambda *a, **kw: calls.append(kw) or kvcache(*a, **kw))
+    module = _module(True)
+    with mmkern.backend("reference"), torch.set_grad_enabled(needs_grad):
+        got = mmt.mmkern_attention_forward(module, q, k, v, mask, scaling=D ** -0.5, dropout=0.0)[0]
+    want = _sdpa(module, q, k, v, mask, scaling=D ** -0.5, dropout=0.0)
+    real = query_pos[None, :] >= leftpad[:, None]            # (B, Lq): queries that see a key
+    torch.testing.assert_close(got[real], want[real])
+    if needs_grad:
+        assert not calls
+        (gq, gk, gv) = torch.autograd.grad(got[real].sum(), (q, k, v))
+        (wq, wk, wv) = torch.autograd.grad(want[real].sum(), (q, k, v))
+        for g, w in ((gq, wq), (gk, wk), (gv, wv)):
+            torch.testing.assert_close(g, w)
+    else:
+        assert [(c["cache_leftpad"].tolist(), c["cache_seqlens"].tolist()) for c in calls] == [([0, 2, 4], [9] * 3)]
 
 
 def test_dropout_in_training_is_fused_and_reproducible():

@@ -238,9 +238,11 @@ def gpt2_parity(backend: str, dtype=torch.float32) -> list[Row]:
     return _rows("transformers GPT-2 LM", backend, dtype, "3x10 left/right pad h128", got, baseline, oracle)
 
 
-def generate_pair(backend: str, dtype=torch.float32, new_tokens: int = 6, left_padded: bool = True, log=None):
+def generate_pair(backend: str, dtype=torch.float32, new_tokens: int = 6, left_padded: bool = True, log=None,
+                  cache_implementation: str | None = None):
     """Greedy generate with the KV cache: (tokens of the unpatched model, tokens of the patched one); the
-    patched model's generate runs inside `log` (a mmkern.dispatch_log) when given."""
+    patched model's generate runs inside `log` (a mmkern.dispatch_log) when given. cache_implementation:
+    transformers' generate argument ("static": a StaticCache), None: its default (a DynamicCache)."""
     device = _device(backend)
     base = tiny_gpt2()
     g = torch.Generator().manual_seed(3)
@@ -252,6 +254,8 @@ def generate_pair(backend: str, dtype=torch.float32, new_tokens: int = 6, left_p
         ids = ids * mask
     ids, mask = ids.to(device), mask.to(device)
     kwargs = dict(attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0)
+    if cache_implementation is not None:
+        kwargs["cache_implementation"] = cache_implementation
     plain = _prepare(base, dtype, device, False).eval()
     patched = _prepare(base, dtype, device, True).eval()
     with torch.no_grad():

@@ -9,6 +9,15 @@ from mmkern_mask (mask.py) or the model's own, run on mmkern's kernels.
     ever reads them); transformers 4.x "extended" masks of shape (batch, 1, 1, Lk) are key-padding masks
     too, and so are its (batch, 1, Lq, Lk) masks (GPT-2 in 4.5x) when they hold causal & key padding and
     nothing else;
+  * a StaticCache's keys run past the last query: a causal layer whose rows are contiguous runs of keys
+    (a left pad, then the tokens seen, then unused slots) reaches the KV-cache kernel,
+    mmkern.flash_attn_with_kvcache with cache_leftpad (each row's first real key) and cache_seqlens (one past
+    its last), causal: no dense mask and no gather of the cache. Transformers 5.x's mask comes from mmkern_mask
+    (a 2D mask tagged .mmkern_cache); a 4D mask (transformers 4.x's GPT-2, or transformers' boolean mask) is
+    recognised when it equals that pattern. Padded queries (a left pad's positions at prefill) see no key and
+    come out 0 there: no real token reads them. Where that kernel cannot run (dropout, gradients: it is for
+    inference; a forced backend without cache_leftpad) the same bounds become a boolean mask for
+    mmkern.scaled_dot_product_attention;
   * any other 4D mask (transformers' boolean mask for an irregular pattern, a user's additive float mask):
     mmkern.scaled_dot_product_attention.
 Dropout, scaling, GQA/MQA (unrepeated k/v), sliding windows and softcap pass through as the model gives
@@ -82,7 +91,9 @@ def _varlen_with_padding(module, q, k, v, padding, causal, window, **kw):
     k_counts = padding.sum(1)
     kp = k.reshape(B * Lk, *k.shape[2:]).index_select(0, key_idx)
     vp = v.reshape(B * Lk, *v.shape[2:]).index_select(0, key_idx)
-    packed_queries = causal or window != (-1, -1)
+    # One query (a decode step) is kept even where its own key slot is False: with a StaticCache the slots past
+    # it are unused (so slot Lk - 1 is not its position), and one query sees its row's valid keys either way.
+    packed_queries = (causal or window != (-1, -1)) and Lq > 1
     if packed_queries:
         q_padding = padding[:, Lk - Lq:]
         if window != (-1, -1):
@@ -109,6 +120,63 @@ def _varlen_with_padding(module, q, k, v, padding, causal, window, **kw):
     return out.reshape(B, Lq, H, out.shape[-1])
 
 
+def _cache_bounds(kept: torch.Tensor):
+    """(leftpad, seqused) (batch,) int32 when kept (B, Lq, Lk) bool is a KV cache's causal mask with bounds:
+    query i of row b sees keys leftpad[b] .. seqused[b] - Lq + i; else None. The bounds are read off the last
+    query row (its first and last kept key); query rows that see no key under them (a left pad's positions)
+    may be all dropped or all kept (transformers unmasks fully masked rows for SDPA on a GPU)."""
+    B, Lq, Lk = kept.shape
+    keys = kept[:, -1, :]
+    j = torch.arange(Lk, device=kept.device)
+    has = keys.any(1)
+    leftpad = torch.where(has, torch.where(keys, j, Lk).amin(1), 0)
+    seqused = torch.where(has, torch.where(keys, j, -1).amax(1) + 1, 0)
+    last = seqused[:, None] - Lq + torch.arange(Lq, device=kept.device)        # (B, Lq): each query's last key
+    want = (j >= leftpad[:, None, None]) & (j <= last[:, :, None])
+    sees = (last >= leftpad[:, None])[:, :, None]
+    uniform = (kept.all(2) | ~kept.any(2))[:, :, None]
+    if not bool(torch.where(sees, kept == want, uniform).all()):
+        return None
+    return leftpad.to(torch.int32), seqused.to(torch.int32)
+
+
+def _bounds_mask(leftpad, seqused, Lq: int, Lk: int, window) -> torch.Tensor:
+    """The (B, 1, Lq, Lk) bool mask (True = keep) of KV-cache bounds: query i of row b sees keys leftpad[b] ..
+    seqused[b] - Lq + i (and, with a window (left, right), none more than left before that)."""
+    j = torch.arange(Lk, device=leftpad.device)
+    last = (seqused.long()[:, None] - Lq + torch.arange(Lq, device=leftpad.device))[:, :, None]
+    keep = (j >= leftpad.long()[:, None, None]) & (j <= last)
+    if window[0] >= 0:
+        keep = keep & (j >= last - window[0])
+    return keep[:, None]
+
+
+def _with_cache_bounds(module, q, k, v, leftpad, seqused, window, kw):
+    """q (B, Lq, H, D), k/v (B, Lk, H_kv, D) (the whole cache, flash-attn's layout), the bounds (batch,) int32
+    -> (B, Lq, H, D): causal attention of query i of row b to cache slots leftpad[b] .. seqused[b] - Lq + i.
+
+    On mmkern.flash_attn_with_kvcache (cache_leftpad, cache_seqlens; nothing appended: transformers has written
+    the new keys). That kernel is for inference: with dropout, with gradients, or where the forced backend
+    cannot take cache_leftpad (NoBackendError), the bounds become a boolean mask for
+    mmkern.scaled_dot_product_attention instead (padded queries: out 0 either way)."""
+    inference = not kw["dropout_p"] and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
+    if inference:
+        try:
+            return mmkern.flash_attn_with_kvcache(q, k, v, cache_seqlens=seqused, cache_leftpad=leftpad,
+                                                  softmax_scale=kw["softmax_scale"], causal=True,
+                                                  window_size=window, softcap=kw["softcap"])
+        except mmkern.NoBackendError:
+            pass
+    if kw["softcap"]:
+        raise ValueError(f"mmkern attention in {_layer_name(module)}: softcap over a StaticCache is supported in "
+                         f"inference only (no dropout, no gradients)")
+    mask = _bounds_mask(leftpad, seqused, q.shape[1], k.shape[1], window)
+    out = mmkern.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              attn_mask=mask, dropout_p=kw["dropout_p"], scale=kw["softmax_scale"],
+                                              enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2)
+
+
 def _kept(mask: torch.Tensor) -> torch.Tensor | None:
     """A 4D mask as True = keep: bool as is; float when every entry is 0 (keep) or at most finfo.min / 2
     (drop, transformers 4.x's convention), else None (a real additive bias)."""
@@ -118,19 +186,22 @@ def _kept(mask: torch.Tensor) -> torch.Tensor | None:
     return ~dropped if bool(((mask == 0) | dropped).all()) else None
 
 
-def _as_key_padding(mask: torch.Tensor, kv_length: int) -> torch.Tensor | None:
-    """A 4D mask that is key padding, optionally with causality -> (B, Lk) bool (True = keep), tagged
-    .mmkern_causal = True when the mask holds causality; else None.
+def _as_key_padding(mask: torch.Tensor, kv_length: int):
+    """A 4D mask that is key padding, optionally with causality, or KV-cache bounds -> (padding, cache):
+    padding (B, Lk) bool (True = keep), tagged .mmkern_causal = True when the mask holds causality, or None;
+    cache (leftpad, seqused, Lq) (see _cache_bounds; Lq = the mask's query rows) or None.
 
     (B, 1, 1, Lk) keeps or drops whole keys (older models' "extended" masks). (B, 1, Lq, Lk), as transformers
     4.x's GPT-2 builds it, is recognised when it equals key padding alone (every row the same) or causal
     (bottom-right aligned) & key padding, the key padding read off its last row, which sees every key.
+    KV-cache bounds are looked for where the bottom-right reading fails (Lq > 1) or cannot tell (Lq = 1: one
+    query row), and kept when some row's keys end before the last slot (a StaticCache's unused slots).
     Only the first kv_length keys count (4.x may build the mask for more key slots than there are keys).
     The answer is kept on the mask (models pass one mask object to every layer: one check per forward)."""
     known = mask.__dict__.setdefault("mmkern_padding", {})
     if kv_length in known:
         return known[kv_length]
-    padding = None
+    padding = cache = None
     if mask.shape[1] == 1 and kv_length > 0:
         kept = _kept(mask[:, 0, :, :kv_length])
         if kept is not None:
@@ -142,10 +213,14 @@ def _as_key_padding(mask: torch.Tensor, kv_length: int) -> torch.Tensor | None:
             elif bool((kept == (causal & keys[:, None, :])).all()):
                 padding = keys
                 padding.mmkern_causal = True
+            if Lq == 1 or padding is None:
+                bounds = _cache_bounds(kept)
+                if bounds is not None and bool((bounds[1] < Lk).any()):
+                    cache = (*bounds, Lq)
     if padding is not None:
         padding.mmkern_nothing_padded = bool(padding.all())
-    known[kv_length] = padding
-    return padding
+    known[kv_length] = padding, cache
+    return padding, cache
 
 
 def mmkern_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -159,7 +234,8 @@ def mmkern_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
         query: (batch, heads, q_length, head_dim), a float dtype (transformers' layout).
         key, value: (batch, kv_heads, kv_length, head_dim), query's dtype; kv_heads divides heads (GQA/MQA run
             without repeating k/v).
-        attention_mask: None; a key-padding mask (batch, kv_length) bool from mmkern_mask, True = a real key;
+        attention_mask: None; a key-padding mask (batch, kv_length) bool from mmkern_mask, True = a real key
+            (tagged .mmkern_cache = (leftpad, seqused, q_length) for a StaticCache: run on the KV-cache kernel);
             a transformers 4.x mask (batch, 1, 1, kv_length) or (batch, 1, q_length, >= kv_length), float
             (0 = keep, <= finfo.min / 2 = drop: read as key padding, with or without causality, when it is
             that) or bool (True = keep); or any other 4D mask, bool or additive float (run densely).
@@ -177,11 +253,23 @@ def mmkern_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     _check_kwargs(module, kwargs, dropout)
     module_causal = bool(getattr(module, "is_causal", False))
     causal = bool(is_causal if is_causal is not None else module_causal)
+    cache = None  # KV-cache bounds (leftpad, seqused): a StaticCache's causal mask
     if attention_mask is not None and attention_mask.dim() == 4 and not _compiling():
-        padding = _as_key_padding(attention_mask, key.shape[2])
-        if padding is not None:  # transformers 4.x masks that are key padding (+ causality): 0 = keep, min = drop
+        padding, cache = _as_key_padding(attention_mask, key.shape[2])
+        if cache is not None and cache[2] == query.shape[2]:
+            attention_mask = None
+        elif padding is not None:  # transformers 4.x masks that are key padding (+ causality): 0 = keep, min = drop
+            cache = None
             causal = bool(is_causal) or module_causal or bool(getattr(padding, "mmkern_causal", False))
             attention_mask = None if padding.mmkern_nothing_padded else padding
+        else:
+            cache = None
+    elif attention_mask is not None and attention_mask.dim() == 2:
+        cache = getattr(attention_mask, "mmkern_cache", None)  # mmkern_mask's StaticCache bounds
+        if cache is not None and (cache[2] != query.shape[2] or attention_mask.shape != (query.shape[0], key.shape[2])):
+            raise ValueError(f"mmkern attention in {_layer_name(module)}: the StaticCache mask is for "
+                             f"{cache[2]} queries and {attention_mask.shape[-1]} key slots; got {query.shape[2]} "
+                             f"queries and {key.shape[2]} keys")
     if attention_mask is not None and attention_mask.dim() == 2:
         # a key-padding mask holds no causality: take it from the mask function that built it (mmkern_mask),
         # else from the module, whatever an SDPA-minded caller passed as is_causal
@@ -207,8 +295,10 @@ def mmkern_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
         out = mmkern.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=kw["dropout_p"],
                                                   scale=kw["softmax_scale"], enable_gqa=H != H_kv)
         return out.transpose(1, 2), None
-    window = _window(module, sliding_window, causal)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, L, heads, D): flash-attn's layout
+    if cache is not None:
+        return _with_cache_bounds(module, q, k, v, cache[0], cache[1], _window(module, sliding_window, True), kw), None
+    window = _window(module, sliding_window, causal)
     if attention_mask is None:
         out = mmkern.flash_attn_func(q, k, v, causal=causal, window_size=window, **kw)
     elif attention_mask.dim() == 2:

@@ -5,9 +5,20 @@ It recognises plain causal and bidirectional patterns, and sliding-window causal
 function), and returns None when nothing is padded (the kernel's causal flag does the rest, bottom-right
 aligned, which is what a KV cache needs: query i sits at key position Lk - Lq + i) or the 2D key-padding
 mask (batch, Lk) bool, tagged with the pattern (.mmkern_causal, .mmkern_window), as transformers'
-flash-attention path does. Other patterns (packed sequences found from position_ids, image-token overlays,
-chunked attention, a StaticCache, whose key slots run past the last query) get transformers' own boolean
-4D SDPA mask.
+flash-attention path does.
+
+A StaticCache (cache_implementation="static") holds more key slots than tokens seen: its keys run past the
+last query, which the kernel's bottom-right causal flag alone cannot express. For a plain causal layer whose
+padding is a contiguous left pad (or nothing) the mask function returns the same kind of 2D mask, also
+tagged with the cache bounds .mmkern_cache = (leftpad, seqused, q_length), leftpad and seqused (batch,) int32:
+row b's keys are cache slots leftpad[b] .. seqused[b] - 1 (seqused = the position after the last query, the
+same for every row; the slots after it are unused), which the attention function hands to the KV-cache kernel
+(flash_attn_with_kvcache's cache_leftpad / cache_seqlens: no dense mask, no gather). Deciding that the
+padding is a contiguous left pad reads one bool on the host per forward (all layers share the mask).
+
+Other patterns (packed sequences found from position_ids, image-token overlays, chunked attention, padding
+in the middle of a sequence with a StaticCache, sliding-window layers of a static cache, anything while
+torch.compile traces) get transformers' own boolean 4D SDPA mask.
 """
 from __future__ import annotations
 
@@ -49,6 +60,41 @@ def _pattern(mask_function, local_size) -> tuple[bool, int | None] | None:
     return (True, local_size) if torch.equal(got.to(torch.bool), want) else None
 
 
+def _static_cache_padding(batch_size: int, q_length: int, q_offset, kv_length: int, attention_mask, device):
+    """The 2D mask of a causal layer over a StaticCache's kv_length slots, tagged with the cache bounds, or None
+    when its padding is not a contiguous left pad.
+
+    q_offset: int or a 0-dim int tensor (transformers 5.x's StaticLayer gives its length as a tensor, on the
+    model's device): the queries are positions q_offset .. end - 1, end = q_offset + q_length, and slots from
+    end on are unused (a causal query never sees them). Keys of row b: the 2D mask's real tokens before end
+    (missing columns count as padding), which must be slots leftpad[b] .. end - 1. Everything is computed on
+    the mask's device; the one host read is the verdict (contiguous left pad, end <= kv_length)."""
+    positions = torch.arange(kv_length, device=device)
+    end = q_offset + q_length
+    if isinstance(end, torch.Tensor):
+        end = end.to(device)
+    seen = positions < end                                          # (kv_length,): slots written so far
+    if attention_mask is None:
+        valid = seen.expand(batch_size, kv_length)
+    else:
+        valid = attention_mask[:, :kv_length].to(device=device, dtype=torch.bool)
+        if valid.shape[-1] < kv_length:
+            valid = torch.nn.functional.pad(valid, (0, kv_length - valid.shape[-1]), value=False)
+        valid = valid & seen
+    leftpad = ((valid.cumsum(1) == 0) & seen).sum(1)                # leading pads (all of seen for an empty row)
+    ok = (valid == ((positions >= leftpad[:, None]) & seen)).all()
+    if isinstance(end, torch.Tensor):
+        ok = ok & (end <= kv_length)
+    if not bool(ok):  # padding in the middle (or on the right) of a sequence: transformers' mask
+        return None
+    padding = valid.clone() if attention_mask is None else valid
+    padding.mmkern_causal = True
+    padding.mmkern_window = None
+    padding.mmkern_cache = (leftpad.to(torch.int32), torch.zeros(batch_size, dtype=torch.int32, device=device) + end,
+                            q_length)
+    return padding
+
+
 def _compiling() -> bool:
     """True while dynamo traces (torch.compile): no data-dependent Python branches then."""
     return torch.compiler.is_compiling()
@@ -63,7 +109,8 @@ def mmkern_mask(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offset
         batch_size: int.
         q_length, kv_length: ints: the number of queries and of key slots (transformers 4.53 - 4.5x pass
             cache_position instead of q_length / q_offset).
-        q_offset, kv_offset: ints: the absolute position of the first query and of the first key.
+        q_offset, kv_offset: ints: the absolute position of the first query and of the first key (q_offset is a
+            0-dim int tensor for a StaticCache in transformers 5.x).
         mask_function: transformers' mask function (batch_idx, head_idx, q_idx, kv_idx) -> bool; None: causal.
         attention_mask: None, or (batch, >= kv_offset + kv_length) int or bool, 1/True = a real token.
         allow_is_causal_skip: passed on to transformers' sdpa_mask when it builds the mask.
@@ -73,9 +120,12 @@ def mmkern_mask(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offset
     Return:
         None (no padding: the kernel's causal flag, or nothing, is the whole mask); or the key-padding mask
         (batch, kv_length) bool, True = a real key, tagged .mmkern_causal (bool) and .mmkern_window (int or
-        None); or, for patterns a padding mask cannot express, transformers' own boolean 4D SDPA mask
-        (batch, 1, q_length, kv_length). The kernel aligns the last query with the last key, so a causal
-        pattern takes the padding path only when q_offset + q_length == kv_offset + kv_length (a DynamicCache).
+        None); for a StaticCache (plain causal, kv_offset 0, q_offset + q_length < kv_length or q_offset a
+        tensor) with a contiguous left pad, that mask also tagged .mmkern_cache = (leftpad, seqused, q_length)
+        (see the module's docstring); or, for patterns these cannot express, transformers' own boolean 4D
+        SDPA mask (batch, 1, q_length, kv_length). The kernel aligns the last query with the last key, so a
+        causal pattern takes the plain padding path only when q_offset + q_length == kv_offset + kv_length (a
+        DynamicCache).
     """
     if q_length is None and cache_position is not None:  # transformers 4.53 - 4.5x pass cache_position
         q_length, q_offset = cache_position.shape[0], int(cache_position[0]) if cache_position.numel() else 0
@@ -88,6 +138,15 @@ def mmkern_mask(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offset
     aligned = not _compiling() and pattern is not None and isinstance(q_offset, int) and \
         isinstance(kv_offset, int) and (
             (not pattern[0] and kv_offset == 0) or (pattern[0] and q_offset + q_length == kv_offset + kv_length))
+    device = kwargs.get("device", attention_mask.device if attention_mask is not None else "cpu")
+    # a StaticCache: plain causal, keys from slot 0, slots past the last query (q_offset a tensor: StaticLayer)
+    static = not aligned and not _compiling() and pattern == (True, None) and kv_offset == 0 and (
+        (isinstance(q_offset, torch.Tensor) and q_offset.dim() == 0 and not q_offset.is_floating_point()) or
+        (isinstance(q_offset, int) and q_offset + q_length < kv_length))
+    if static:
+        padding = _static_cache_padding(batch_size, q_length, q_offset, kv_length, attention_mask, device)
+        if padding is not None:
+            return padding
     if not aligned:
         sdpa_kwargs = dict(batch_size=batch_size, kv_length=kv_length, kv_offset=kv_offset,
                            mask_function=mask_function, attention_mask=attention_mask,
@@ -98,7 +157,6 @@ def mmkern_mask(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offset
             sdpa_kwargs.update(q_length=q_length, q_offset=q_offset)
         return _masking.sdpa_mask(**sdpa_kwargs)
     causal, window = pattern
-    device = kwargs.get("device", attention_mask.device if attention_mask is not None else "cpu")
     if attention_mask is None:
         if window is None:
             return None
