@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 import mmkern
 from conftest import QUICK
+from mmkern.bench.attention import HAS_ENABLE_GQA, sdpa_gqa
 from mmkern.bench.counts import attention_bytes, attention_decode_bytes, attention_flops
 
 _DT = {torch.float32: "fp32", torch.bfloat16: "bf16"}
@@ -274,28 +275,6 @@ def test_cpu_attention_kernel(bench, benchmark, impl, pass_, dtype, head_dim, se
 
 # --------------------------------------------------------------------------- 3. feature rows
 
-def _has_enable_gqa() -> bool:
-    try:
-        F.scaled_dot_product_attention(torch.randn(1, 2, 1, 8), torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8),
-                                       enable_gqa=True)
-        return True
-    except (TypeError, RuntimeError):
-        return False
-
-
-HAS_ENABLE_GQA = _has_enable_gqa()
-
-
-def _sdpa_gqa(q, k, v, **kwargs):
-    """SDPA of q (B, Hq, L, D) on k, v (B, Hkv, Lk, D): enable_gqa, or k/v repeated where torch lacks it."""
-    if q.shape[1] == k.shape[1]:
-        return F.scaled_dot_product_attention(q, k, v, **kwargs)
-    if HAS_ENABLE_GQA:
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kwargs)
-    group = q.shape[1] // k.shape[1]
-    return F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), **kwargs)
-
-
 def alibi_slopes(heads: int) -> torch.Tensor:
     """The ALiBi paper's slopes for a power-of-two head count: 2^(-8 (h + 1) / H)."""
     return torch.tensor([2.0 ** (-8.0 * (h + 1) / heads) for h in range(heads)], dtype=torch.float32)
@@ -384,7 +363,7 @@ class FeatureCase:
 
     def baseline(self, q, k, v):
         if self.feature == "gqa":
-            return _sdpa_gqa(q, k, v, is_causal=True)
+            return sdpa_gqa(q, k, v, is_causal=True)
         if self.feature == "softcap":
             cap = self.sizes["softcap"]
             scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
@@ -460,7 +439,7 @@ def test_cpu_attention_decode(bench, benchmark, impl, dtype, batch, cache_len):
     k_cache, v_cache = (torch.randn(batch, cache_len, hk, d, dtype=dtype) for _ in range(2))
     if impl == "sdpa":              # the cache held as (B, Hkv, L, D), the layout transformers' caches use
         q, k_cache, v_cache = (t.transpose(1, 2).contiguous() for t in (q, k_cache, v_cache))
-        fn = lambda q, k, v: _sdpa_gqa(q, k, v)  # noqa: E731
+        fn = lambda q, k, v: sdpa_gqa(q, k, v)  # noqa: E731
     else:
         seqlens = torch.full((batch,), cache_len, dtype=torch.int32)
         fn = _forced(_BACKEND[impl], lambda q, k, v: mmkern.flash_attn_with_kvcache(q, k, v, cache_seqlens=seqlens,

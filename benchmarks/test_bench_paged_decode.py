@@ -32,10 +32,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import mmkern
 from conftest import DEVICE, ON_GPU, QUICK
+from mmkern.bench.attention import HAS_ENABLE_GQA, sdpa_gqa
 from mmkern.bench.counts import attention_flops
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
@@ -74,31 +74,11 @@ def pytest_generate_tests(metafunc):
 
 # --------------------------------------------------------------------------- inputs, one case at a time
 
-def _has_enable_gqa() -> bool:
-    try:
-        F.scaled_dot_product_attention(torch.randn(1, 2, 1, 8), torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8),
-                                       enable_gqa=True)
-        return True
-    except (TypeError, RuntimeError):
-        return False
-
-
-HAS_ENABLE_GQA = _has_enable_gqa()
-
-
-def _sdpa_gqa(q, k, v, **kwargs):
-    """SDPA of q (B, Hq, 1, D) on k, v (B, Hkv, L, D): enable_gqa, or k/v heads repeated where torch lacks it."""
-    if HAS_ENABLE_GQA:
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kwargs)
-    group = q.shape[1] // k.shape[1]
-    return F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), **kwargs)
-
-
 def gathered_sdpa(q, k_pages, v_pages, block_table, key_mask):
     """The torch_gathered row: pages -> dense (B, L, H_kv, D) by indexing, then SDPA; out (B, 1, H, D) like q."""
     k = k_pages[block_table].flatten(1, 2)
     v = v_pages[block_table].flatten(1, 2)
-    out = _sdpa_gqa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=key_mask)
+    out = sdpa_gqa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=key_mask)
     return out.transpose(1, 2)
 
 

@@ -49,6 +49,29 @@ DECODE_IMPLS = ("mmkern_auto", "mmkern_cuda", "mmkern_triton", "mmkern_torch", *
                 "flash_attn")
 
 
+def _has_enable_gqa() -> bool:
+    try:
+        F.scaled_dot_product_attention(torch.randn(1, 2, 1, 8), torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8),
+                                       enable_gqa=True)
+        return True
+    except (TypeError, RuntimeError):
+        return False
+
+
+HAS_ENABLE_GQA = _has_enable_gqa()  # torch's SDPA takes enable_gqa (torch >= 2.5)
+
+
+def sdpa_gqa(q, k, v, **kwargs):
+    """torch SDPA of q (B, Hq, Lq, D) on k, v (B, Hkv, Lk, D), Hkv dividing Hq: enable_gqa, or k/v heads repeated
+    where torch lacks it (the repeat is then part of the timed call)."""
+    if q.shape[1] == k.shape[1]:
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    if HAS_ENABLE_GQA:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kwargs)
+    group = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), **kwargs)
+
+
 def _forced(backend: str):
     """mmkern.backend(backend), or nothing for "auto"; Unavailable when the backend is not usable here."""
     if backend == "auto":
