@@ -368,7 +368,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "k_tile = k + c.paged_row(rb.b, row0, rb.kvh, c.k_sb, c.k_sr, c.k_sh);",
            "k_tile = k + c.paged_row(rb.b, seq.k_start, rb.kvh, c.k_sb, c.k_sr, c.k_sh);",
            "forward, paged caches: a tile inside one page read from the sequence's first key row, not the tile's",
-           (P + "test_backend_matches_oracle[cpu-page 16 window gqa d80]",)),
+           (P + "test_key_tiles_inside_one_large_page_and_across_pages[cpu-0]",)),
     Mutant("attn-cpu-dropout-counter-without-tile-start", "attention", AF,
            "const uint64_t offset = dropout_offset(c, rb.b, rb.kvh * c.group + g % c.group, g / c.group) + j0;",
            "const uint64_t offset = dropout_offset(c, rb.b, rb.kvh * c.group + g % c.group, g / c.group);",

@@ -263,6 +263,25 @@ def test_num_splits_changes_rounding_only(backend):
         torch.testing.assert_close(lse, want[1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("num_splits", [0, 3])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_key_tiles_inside_one_large_page_and_across_pages(backend, num_splits):
+    """Page 256 with left pads: a key tile (or split) may lie inside one page, read in place (the C++ kernel), or
+    run across a page boundary, gathered; both against the reference on the same pages."""
+    B, H, H_kv, D = 2, 4, 2, 32
+    kp, table = paged(torch.randn(B, 3 * 256, H_kv, D), 256, generator=torch.Generator().manual_seed(5))
+    vp = torch.randn_like(kp)
+    q = torch.randn(B, 1, H, D)
+    kw = dict(cache_seqlens=torch.tensor([700, 300], dtype=torch.int32), block_table=table,
+              cache_leftpad=torch.tensor([5, 0], dtype=torch.int32), return_lse=True)
+    with forced(backend):
+        out, lse = mmkern.flash_attn_with_kvcache(q, kp, vp, num_splits=num_splits, **kw)
+    with mmkern.backend("reference"):
+        want, want_lse = mmkern.flash_attn_with_kvcache(q, kp, vp, **kw)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+
+
 # --------------------------------------------------------------------------- compile, CUDA graphs
 
 def test_compile_fullgraph_paged_decode_step():
